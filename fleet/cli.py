@@ -1,0 +1,252 @@
+"""The `fleet` command line. Each command is a thin shell over the library;
+FleetError becomes one line on stderr and its exit code (2 for bad input)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.errors import FleetError, UsageError
+from fleet.record import State, TaskRecord
+from fleet.settings import FleetSettings, load_settings
+
+
+class Context:
+    """Settings and the client are made on first use, so `fleet --help`
+    works with a broken configuration."""
+
+    def __init__(self) -> None:
+        self._settings: FleetSettings | None = None
+        self._client: Any = None
+
+    @property
+    def settings(self) -> FleetSettings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from fleet.client import FleetClient
+
+            self._client = FleetClient(self.settings)
+        return self._client
+
+
+pass_context = click.make_pass_decorator(Context, ensure=True)
+
+
+@click.group()
+@click.version_option(package_name="fleet")
+def cli() -> None:
+    """Run autonomous coding agents, each in its own isolated container."""
+
+
+def print_record(record: TaskRecord, as_json: bool) -> None:
+    if as_json:
+        click.echo(record.model_dump_json(exclude={"key"}))
+        return
+    rows = record.model_dump(mode="json", exclude={"key"})
+    for name, value in rows.items():
+        if value is None:
+            continue
+        shown = json.dumps(value) if isinstance(value, dict) else value
+        click.echo(f"{name:<12} {shown}")
+
+
+def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
+    if payload is not None and payload_file is not None:
+        raise UsageError("give --payload or --payload-file, not both")
+    if payload_file is not None:
+        try:
+            payload = payload_file.read_text()
+        except OSError as error:
+            raise UsageError(f"--payload-file: cannot read {str(payload_file)!r}: "
+                             f"{error.strerror}") from None
+    if payload is None:
+        return {}
+    try:
+        value = json.loads(payload)
+    except ValueError as error:
+        raise UsageError(f"payload is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"payload must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+@cli.command()
+@click.argument("agent")
+@click.option("--payload", help="The task's payload, a JSON object.")
+@click.option("--payload-file", type=click.Path(path_type=Path), help="Read the payload from a file.")
+@click.option("--key", help="Idempotency key: the same key gives the same task, published once.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the task; exit 0 only if it succeeded.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@pass_context
+def submit(ctx: Context, agent: str, payload: str | None, payload_file: Path | None,
+           key: str | None, wait_: bool, timeout: float | None) -> None:
+    """Publish a task for AGENT and print its id."""
+    body = read_payload(payload, payload_file)
+    task_id = ctx.client.submit(agent, body, key=key)
+    if not wait_:
+        click.echo(task_id)
+        return
+    record = ctx.client.wait(task_id, timeout)
+    print_record(record, as_json=True)
+    sys.exit(0 if record.state == State.SUCCEEDED else 1)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def status(ctx: Context, task_id: str, as_json: bool) -> None:
+    """Show one task's record."""
+    print_record(ctx.client.status(task_id), as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True))
+@pass_context
+def wait(ctx: Context, task_id: str, timeout: float | None) -> None:
+    """Block until the task is final; exit 0 only if it succeeded."""
+    record = ctx.client.wait(task_id, timeout)
+    print_record(record, as_json=True)
+    sys.exit(0 if record.state == State.SUCCEEDED else 1)
+
+
+@cli.command()
+@click.option("--agent")
+@click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def tasks(ctx: Context, agent: str | None, state: str | None, as_json: bool) -> None:
+    """List tasks, newest first."""
+    records = ctx.client.tasks(agent=agent, state=state)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json", exclude={"key"}) for r in records]))
+        return
+    from fleet.display import task_table
+
+    task_table(records).print()
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the task is final.")
+@pass_context
+def logs(ctx: Context, task_id: str, follow: bool) -> None:
+    """Print the task's output."""
+    store = ctx.client.store
+    store.get(task_id)
+    cursor = "0-0"
+    while True:
+        events = store.events(task_id, after=cursor, block_ms=2000 if follow else None)
+        for event in events:
+            cursor = event.id
+            if event.type == "output":
+                stream = sys.stderr if event.fields.get("stream") == "stderr" else sys.stdout
+                stream.write(event.fields.get("data", ""))
+                stream.flush()
+        if not follow:
+            if not events:
+                return
+            continue
+        if not events and store.get(task_id).state.final:
+            return
+
+
+@cli.command()
+@click.argument("task_id")
+@pass_context
+def cancel(ctx: Context, task_id: str) -> None:
+    """Cancel a queued or running task."""
+    before = ctx.client.status(task_id)
+    record = ctx.client.cancel(task_id)
+    if before.state.final:
+        click.echo(f"task {task_id} is already {before.state}; nothing changed")
+        return
+    click.echo(f"task {task_id} cancelled (was {before.state})")
+    del record
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def agents(ctx: Context, as_json: bool) -> None:
+    """Agents, their queue depth and their container on this host."""
+    from fleet.display import agent_rows, agent_table
+
+    rows = agent_rows(ctx.settings, ctx.client)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    agent_table(rows).print()
+
+
+@cli.command()
+@click.option("--agent", "agent_names", multiple=True, help="Serve only these agents.")
+@pass_context
+def worker(ctx: Context, agent_names: tuple[str, ...]) -> None:
+    """Run the consumers for these agents (default: all) in the foreground."""
+    from fleet.worker import configure_logging, run_workers
+
+    names = list(agent_names) or list(ctx.settings.agents)
+    if not names:
+        raise UsageError("no agents configured: add an [agents.NAME] table to fleet.toml")
+    configure_logging()
+    sys.exit(run_workers(ctx.settings, names))
+
+
+@cli.group()
+def image() -> None:
+    """The agent image."""
+
+
+@image.command("build")
+@click.option("--tag", default="fleet-agent:latest", show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if the image is current.")
+@click.option("--base", default=None, help="Base image (default: registry base, else debootstrap).")
+def image_build(tag: str, force: bool, base: str | None) -> None:
+    """Build the agent image if it is missing or out of date."""
+    from fleet.engine import connect
+    from fleet.image import build_image
+
+    build_image(connect(timeout=1800), tag, force=force, base=base,
+                report=lambda line: click.echo(f"[image] {line}"))
+
+
+@cli.command()
+@pass_context
+def doctor(ctx: Context) -> None:
+    """Check the Docker engine, Redis, the image and the secrets directory."""
+    from fleet.doctor import print_checks, run_checks
+
+    checks = run_checks(ctx.settings)
+    print_checks(checks, click.echo)
+    if not all(check.ok for check in checks):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Leave the demo's Redis, workers and containers up.")
+def demo(keep: bool) -> None:
+    """A tour: brings up what is missing, runs boss/dev/reviewer, shows tasks flowing."""
+    from fleet.demo import run_demo
+
+    started = time.monotonic()
+    sys.exit(run_demo(keep=keep, started=started))
+
+
+def main(argv: list[str] | None = None) -> Any:
+    try:
+        return cli.main(args=argv, prog_name="fleet", standalone_mode=True)
+    except FleetError as error:
+        click.echo(f"fleet: {error}", err=True)
+        sys.exit(error.exit_code)

@@ -1,0 +1,81 @@
+"""FleetClient: the orchestrator's side. It writes the task record and
+publishes by task name; it never imports consumer code."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import kombu.exceptions
+import redis
+
+from fleet.dispatch import make_celery, publish
+from fleet.errors import StateStoreError, UsageError, WaitTimeout
+from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
+from fleet.settings import FleetSettings, load_settings
+from fleet.store import TaskStore, connect_redis
+
+
+class FleetClient:
+    def __init__(self, settings: FleetSettings, redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.store = TaskStore(redis_client or connect_redis(settings.redis_url),
+                               settings.namespace, settings.retention_s)
+        self.app = make_celery(settings)
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> FleetClient:
+        return cls(load_settings(**overrides))
+
+    def check_payload(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            raise UsageError(f"payload must be a JSON object, not {type(payload).__name__}")
+        size = len(json.dumps(payload).encode())
+        if size > self.settings.payload_limit:
+            raise UsageError(f"payload is {size} bytes, over payload_limit="
+                             f"{self.settings.payload_limit}")
+
+    def submit(self, agent: str, payload: dict[str, Any], key: str | None = None) -> str:
+        """Queue a task for `agent`; returns its id. A key already used
+        returns that task's id and publishes nothing."""
+        self.settings.agent(agent)
+        self.check_payload(payload)
+        task_id, created = self.store.create(agent, payload, key)
+        if created:
+            try:
+                publish(self.app, self.settings, task_id, agent)
+            except (kombu.exceptions.KombuError, OSError, redis.RedisError) as error:
+                self.store.transition(task_id, State.FAILED, finished_at=now_iso(), error=TaskError(
+                    kind=ErrorKind.LOST, message=f"could not publish: {error}"))
+                raise StateStoreError(f"could not publish task {task_id}: {error}") from None
+        return task_id
+
+    def status(self, task_id: str) -> TaskRecord:
+        return self.store.get(task_id)
+
+    def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
+        record = self.store.wait_final(task_id, timeout)
+        if record is None:
+            raise WaitTimeout(task_id, timeout or 0)
+        return record
+
+    def cancel(self, task_id: str) -> TaskRecord:
+        """Cancel a queued, retrying or running task; a finished one is
+        returned unchanged."""
+        record = self.store.get(task_id)
+        if record.state.final:
+            return record
+        return self.store.transition(task_id, State.CANCELLED, finished_at=now_iso(),
+                                     error=TaskError(kind=ErrorKind.CANCELLED,
+                                                     message="cancelled by request"))
+
+    def tasks(self, agent: str | None = None, state: State | str | None = None) -> list[TaskRecord]:
+        if agent is not None:
+            self.settings.agent(agent)
+        return self.store.list_tasks(agent=agent, state=State(state) if state else None)
+
+    def queue_depth(self, agent: str) -> int:
+        from fleet.routing import queue_name
+
+        key = self.store.keys.queue(queue_name(self.settings.namespace, agent))
+        return int(self.store._call(self.store.redis.llen, key))

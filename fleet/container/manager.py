@@ -1,0 +1,151 @@
+"""Applying container specs to the engine: one long-lived container per agent
+per host, created on first need, reused for every task, and recreated only
+between tasks when it is gone, stopped, or has drifted from its spec."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from fleet.container.spec import (
+    LABEL_AGENT,
+    LABEL_HOST,
+    LABEL_NAMESPACE,
+    LABEL_SPEC_HASH,
+    ContainerSpec,
+    build_spec,
+)
+from fleet.engine import engine_errors
+from fleet.errors import EngineError
+from fleet.settings import FleetSettings
+
+log = logging.getLogger(__name__)
+
+
+class ContainerManager:
+    def __init__(self, client: docker.DockerClient, settings: FleetSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self._changed = threading.Condition()
+        self._in_use: Counter[str] = Counter()
+
+    @contextmanager
+    def use(self, agent: str) -> Iterator[Container]:
+        """The agent's container, up and matching its spec, held for one task.
+
+        A container that must be replaced is replaced only once no task of
+        this process is using it; until then the caller waits."""
+        spec = build_spec(self.settings, agent)
+        with self._changed:
+            while True:
+                container, reason = self.inspect(spec)
+                if reason is None and container is not None:
+                    break
+                if self._in_use[agent] == 0:
+                    container = self.recreate(spec, container, reason or "missing")
+                    break
+                self._changed.wait()
+            self._in_use[agent] += 1
+        try:
+            yield container
+        finally:
+            with self._changed:
+                self._in_use[agent] -= 1
+                self._changed.notify_all()
+
+    def ensure(self, agent: str) -> Container:
+        with self.use(agent) as container:
+            return container
+
+    def inspect(self, spec: ContainerSpec) -> tuple[Container | None, str | None]:
+        """The existing container and why it must be replaced (None if it is fine)."""
+        with engine_errors(f"inspecting container {spec.name}"):
+            try:
+                container = self.client.containers.get(spec.name)
+            except docker.errors.NotFound:
+                return None, "missing"
+            if container.status != "running":
+                return container, f"container is {container.status}"
+            if container.labels.get(LABEL_SPEC_HASH) != spec.hash:
+                return container, "spec changed"
+            if container.attrs.get("Image") != self.image_id(spec.image):
+                return container, "image changed"
+        return container, None
+
+    def image_id(self, tag: str) -> str:
+        try:
+            return str(self.client.images.get(tag).id)
+        except docker.errors.ImageNotFound:
+            raise EngineError(f"image {tag} is missing: run `fleet image build`") from None
+
+    def recreate(self, spec: ContainerSpec, old: Container | None, reason: str) -> Container:
+        log.info("creating container %s (%s)", spec.name, reason)
+        self.prepare_token_dir(Path(spec.token_dir), spec.uid)
+        with engine_errors(f"creating container {spec.name}"):
+            if old is not None:
+                old.remove(force=True)
+            self.ensure_volume(spec)
+            self.check_network(spec.network)
+            self.image_id(spec.image)
+            container = self.client.containers.create(**spec.create_kwargs())
+            container.start()
+            container.reload()
+        return container
+
+    def ensure_volume(self, spec: ContainerSpec) -> None:
+        try:
+            self.client.volumes.get(spec.volume)
+        except docker.errors.NotFound:
+            labels = {k: v for k, v in spec.labels.items()}
+            self.client.volumes.create(name=spec.volume, labels=labels)
+
+    def check_network(self, network: str) -> None:
+        if network == "none":
+            return
+        try:
+            self.client.networks.get(network)
+        except docker.errors.NotFound:
+            raise EngineError(
+                f"network {network!r} does not exist: docker network create {network}"
+            ) from None
+
+    @staticmethod
+    def prepare_token_dir(path: Path, uid: int) -> None:
+        """<secrets_dir>/<agent>/, 0700 and owned by the agent's uid so only
+        the agent's user inside the container can read it."""
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        path.chmod(0o700)
+        if os.geteuid() == 0:
+            os.chown(path, uid, uid)
+
+    def containers(self) -> list[Container]:
+        """Every container fleet made on this host in this namespace."""
+        filters: dict[str, str | list[str] | bool] = {"label": [
+            f"{LABEL_NAMESPACE}={self.settings.namespace}",
+                             f"{LABEL_HOST}={self.settings.host}"]}
+        with engine_errors("listing containers"):
+            found: list[Container] = self.client.containers.list(all=True, filters=filters)
+        return found
+
+    def remove_orphans(self) -> list[str]:
+        """Remove this host's containers of agents no longer configured and
+        dead ones. State volumes are kept: they hold the agents' data."""
+        removed = []
+        for container in self.containers():
+            agent = container.labels.get(LABEL_AGENT, "")
+            if agent in self.settings.agents and container.status == "running":
+                continue
+            with engine_errors(f"removing container {container.name}"):
+                container.remove(force=True)
+            removed.append(str(container.name))
+        return removed

@@ -1,0 +1,73 @@
+"""Tables for the CLI (rich)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import docker.errors
+from rich.console import Console
+from rich.table import Table
+
+from fleet.container.spec import build_spec
+from fleet.engine import connect
+from fleet.errors import EngineError
+from fleet.record import TaskRecord
+from fleet.settings import FleetSettings
+
+if TYPE_CHECKING:
+    from fleet.client import FleetClient
+
+STATE_STYLES = {"queued": "cyan", "running": "yellow", "retrying": "magenta",
+                "succeeded": "green", "failed": "red", "cancelled": "dim"}
+
+
+class Printable:
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def print(self, console: Console | None = None) -> None:
+        (console or Console()).print(self.table)
+
+
+def task_table(records: list[TaskRecord], title: str | None = None) -> Printable:
+    table = Table(title=title)
+    for column in ("id", "agent", "state", "attempts", "exit", "error", "host", "created"):
+        table.add_column(column)
+    for r in records:
+        style = STATE_STYLES.get(r.state, "")
+        table.add_row(r.id, r.agent, f"[{style}]{r.state}[/]", str(r.attempts),
+                      "" if r.exit_code is None else str(r.exit_code),
+                      "" if r.error is None else str(r.error.kind), r.host or "",
+                      r.created_at)
+    return Printable(table)
+
+
+def agent_rows(settings: FleetSettings, client: FleetClient) -> list[dict[str, Any]]:
+    try:
+        engine = connect(timeout=10)
+    except EngineError:
+        engine = None
+    rows = []
+    for agent, spec in settings.agents.items():
+        container = build_spec(settings, agent)
+        state = "engine down"
+        if engine is not None:
+            try:
+                state = str(engine.containers.get(container.name).status)
+            except docker.errors.NotFound:
+                state = "none"
+        rows.append({"agent": agent, "queued": client.queue_depth(agent),
+                     "container": container.name, "container_state": state,
+                     "concurrency": spec.concurrency, "paused": False})
+    return rows
+
+
+def agent_table(rows: list[dict[str, Any]]) -> Printable:
+    table = Table()
+    for column in ("agent", "queued", "container", "state", "slots", "paused"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["agent"], str(row["queued"]), row["container"],
+                      row["container_state"], str(row["concurrency"]),
+                      "yes" if row["paused"] else "no")
+    return Printable(table)

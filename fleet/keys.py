@@ -1,0 +1,45 @@
+"""Every Redis key fleet writes, in one place, under one namespace.
+
+    {ns}:task:{id}              hash   the task record (JSON-encoded fields) and its payload
+    {ns}:task:{id}:events       stream state transitions and output chunks, capped
+    {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
+    {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
+    {ns}:idem:{sha256(key)}     string task id for an idempotency key
+    {ns}:broker:...                    Celery/kombu's own keys (queues, unacked messages)
+
+Finished tasks' record, events and idempotency key expire after
+`retention_s`; index entries that point at expired records are pruned when
+read."""
+
+from __future__ import annotations
+
+import hashlib
+
+
+class Keys:
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def task(self, task_id: str) -> str:
+        return f"{self.namespace}:task:{task_id}"
+
+    def events(self, task_id: str) -> str:
+        return f"{self.namespace}:task:{task_id}:events"
+
+    def by_agent(self, agent: str) -> str:
+        return f"{self.namespace}:index:agent:{agent}"
+
+    def by_state(self, state: str) -> str:
+        return f"{self.namespace}:index:state:{state}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.namespace}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def broker_prefix(self) -> str:
+        """kombu's `global_keyprefix`: the broker's keys live under the namespace too."""
+        return f"{self.namespace}:broker:"
+
+    def queue(self, queue_name: str) -> str:
+        """The Redis list kombu keeps a queue's messages in."""
+        return f"{self.broker_prefix}{queue_name}"

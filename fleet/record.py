@@ -1,0 +1,60 @@
+"""The task record: the contract's shape of one task, as `fleet status --json` prints it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class State(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+
+class ErrorKind(StrEnum):
+    CREDENTIAL = "credential"
+    TRANSIENT = "transient"
+    TIMEOUT = "timeout"
+    CRASH = "crash"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+
+
+class TaskError(BaseModel):
+    kind: ErrorKind
+    message: str
+
+
+class TaskRecord(BaseModel):
+    id: str
+    agent: str
+    state: State
+    attempts: int = 0
+    result: dict[str, Any] | None = None
+    exit_code: int | None = None
+    error: TaskError | None = None
+    host: str | None = None
+    container: str | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    key: str | None = None
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")

@@ -1,0 +1,184 @@
+"""Settings: `fleet.toml` (or the file named by FLEET_CONFIG), overridden by
+FLEET_* environment variables (nested keys joined with `__`).
+
+Everything is validated when loaded, so a typo fails at start with one line
+that names the key, instead of surfacing mid-task."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fleet.errors import ConfigError
+
+AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MEMORY_SIZE = re.compile(r"(?i)(\d+(?:\.\d+)?)\s*([kmg]?)i?b?")
+MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
+
+
+def check_agent_name(name: str) -> str:
+    if not AGENT_NAME.fullmatch(name):
+        raise ValueError(f"bad agent name {name!r}: must match [a-z][a-z0-9-]{{0,30}}")
+    return name
+
+
+def check_token_name(name: str) -> str:
+    if not TOKEN_NAME.fullmatch(name) or ".." in name or name in {".", ".."}:
+        raise ValueError(f"bad token name {name!r}: use [A-Za-z0-9_.-], no '..' or '/'")
+    return name
+
+
+def parse_memory(value: str) -> int:
+    """'512m' → bytes. Accepts the Docker engine's forms (b, k, m, g, with an
+    optional 'i'/'b': 1g, 1G, 1gb, 1GiB)."""
+    match = MEMORY_SIZE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a memory size (use e.g. 512m or 1g)")
+    size = int(float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()])
+    if size < MIN_MEMORY:
+        raise ValueError(f"{value!r} is below the engine's minimum of 6m")
+    return size
+
+
+def check_memory(value: str) -> str:
+    parse_memory(value)
+    return value
+
+
+def check_network(value: str) -> str:
+    if value in {"host", "bridge", "default"} or value.startswith("container:"):
+        raise ValueError(
+            f"network {value!r} is not allowed: use 'none' or a user-defined network "
+            "(the host's and the default bridge network break isolation)"
+        )
+    if not NETWORK_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Docker network name")
+    return value
+
+
+AgentName = Annotated[str, AfterValidator(check_agent_name)]
+TokenName = Annotated[str, AfterValidator(check_token_name)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class AgentSpec(BaseModel):
+    """One agent: what runs in its container and the limits it runs under."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field("fleet-agent:latest", min_length=1)
+    command: list[str] = Field(default_factory=lambda: ["fleet-agent"], min_length=1)
+    tokens: list[TokenName] = Field(default_factory=list)
+    concurrency: PositiveInt = 1
+    network: Annotated[str, AfterValidator(check_network)] = "none"
+    memory: Annotated[str, AfterValidator(check_memory)] = "1g"
+    cpus: float = Field(1.0, gt=0, le=1024)
+    pids_limit: PositiveInt = 256
+    timeout_s: float = Field(3600, gt=0)
+    credential_retries: int = Field(3, ge=0, le=100)
+    transient_retries: int = Field(3, ge=0, le=100)
+    retry_backoff_s: float = Field(2.0, gt=0)
+    retry_backoff_max_s: float = Field(300.0, gt=0)
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.memory)
+
+    @field_validator("command")
+    @classmethod
+    def _command_words(cls, value: list[str]) -> list[str]:
+        if any(not word for word in value):
+            raise ValueError("command words must not be empty")
+        return value
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("FLEET_CONFIG") or "fleet.toml")
+
+
+class FleetSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
+    host_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,63}$")
+    secrets_dir: Path = Path("/var/lib/fleet/secrets")
+    namespace: str = Field("fleet", pattern=r"^[a-z][a-z0-9-]{0,30}$")
+    agent_uid: int = Field(10001, gt=0)
+    payload_limit: PositiveInt = 1024 * 1024
+    log_limit: PositiveInt = 8 * 1024 * 1024
+    retention_s: PositiveInt = 7 * 24 * 3600
+    agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
+        return (init_settings, env_settings, toml)
+
+    @property
+    def host(self) -> str:
+        return self.host_id or socket.gethostname()
+
+    def agent(self, name: str) -> AgentSpec:
+        from fleet.errors import UnknownAgent
+
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise UnknownAgent(name, list(self.agents)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Pydantic's multi-line report → one line naming each bad key."""
+    parts = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if p != "[key]")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+            continue
+        if item["type"] == "value_error":
+            message = str(item["msg"]).removeprefix("Value error, ")
+        else:
+            message = f"{item['msg']} (got {item['input']!r})"
+        parts.append(f"{loc}: {message}" if loc else message)
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> FleetSettings:
+    """Load and validate settings, raising ConfigError with one line."""
+    path = config_path()
+    if os.environ.get("FLEET_CONFIG") and not path.is_file():
+        raise ConfigError(f"FLEET_CONFIG: no such file {str(path)!r}")
+    try:
+        return FleetSettings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(
+            f"invalid configuration ({path}): {describe_validation_error(error)}"
+        ) from None
+    except (OSError, ValueError) as error:  # unreadable file or bad TOML syntax
+        raise ConfigError(f"invalid configuration ({path}): {error}") from None

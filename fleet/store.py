@@ -1,0 +1,265 @@
+"""Task state in Redis: records, their event streams and the indexes.
+
+Every state change is one WATCH/MULTI transaction that checks the state it
+moves from, so a finished task never goes back to running and two writers
+cannot both move one task. Keys come from `fleet.keys` only."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+
+from fleet.errors import StaleTransition, StateStoreError, TaskNotFound
+from fleet.keys import Keys
+from fleet.record import FINAL_STATES, State, TaskError, TaskRecord, now_iso
+
+EVENTS_MAXLEN = 20_000
+RECORD_FIELDS = tuple(TaskRecord.model_fields)
+
+# Which state each state may move to; anything else is refused.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
+    State.RUNNING: frozenset({State.SUCCEEDED, State.FAILED, State.RETRYING, State.CANCELLED}),
+    State.RETRYING: frozenset({State.RUNNING, State.CANCELLED, State.FAILED}),
+    State.SUCCEEDED: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    fields: dict[str, str]
+
+    @property
+    def type(self) -> str:
+        return self.fields.get("type", "")
+
+
+def connect_redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskStore:
+    def __init__(self, client: redis.Redis, namespace: str, retention_s: int) -> None:
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.retention_s = retention_s
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskRecord:
+        raw = self._call(self.redis.hgetall, self.keys.task(task_id))
+        if not raw:
+            raise TaskNotFound(task_id)
+        return decode_record(raw)
+
+    def payload(self, task_id: str) -> dict[str, Any]:
+        raw = self._call(self.redis.hget, self.keys.task(task_id), "payload")
+        if raw is None:
+            raise TaskNotFound(task_id)
+        value: dict[str, Any] = json.loads(raw)
+        return value
+
+    def list_tasks(self, agent: str | None = None, state: State | None = None,
+                   limit: int = 1000) -> list[TaskRecord]:
+        """Newest first. Index entries whose record has expired are pruned."""
+        if agent is not None:
+            index = self.keys.by_agent(agent)
+        elif state is not None:
+            index = self.keys.by_state(state)
+        else:
+            index = None
+        ids = self._all_ids(limit) if index is None else self._call(
+            self.redis.zrevrange, index, 0, limit - 1)
+        records = []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+            rows = self._call(pipe.execute)
+        for task_id, raw in zip(ids, rows, strict=True):
+            if not raw:
+                self._prune(task_id, index)
+                continue
+            record = decode_record(raw)
+            if agent not in (None, record.agent) or state not in (None, record.state):
+                continue
+            records.append(record)
+        return records
+
+    def _all_ids(self, limit: int) -> list[str]:
+        ids: dict[str, float] = {}
+        for state in State:
+            for task_id, score in self._call(
+                self.redis.zrevrange, self.keys.by_state(state), 0, limit - 1, withscores=True
+            ):
+                ids[task_id] = score
+        return sorted(ids, key=lambda i: ids[i], reverse=True)[:limit]
+
+    def _prune(self, task_id: str, index: str | None) -> None:
+        """Drop an expired task from the indexes (its agent's index is trimmed
+        by age when tasks finish)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in [index] if index else []:
+                pipe.zrem(key, task_id)
+            for state in State:
+                pipe.zrem(self.keys.by_state(state), task_id)
+            self._call(pipe.execute)
+
+    def events(self, task_id: str, after: str = "0-0", block_ms: int | None = None,
+               count: int = 1000) -> list[Event]:
+        """Events after the id `after`; with block_ms, waits that long for one."""
+        key = self.keys.events(task_id)
+        if block_ms is None:
+            rows = self._call(self.redis.xrange, key, f"({after}" if after != "0-0" else "-",
+                              "+", count)
+            return [Event(i, f) for i, f in rows]
+        reply = self._call(self.redis.xread, {key: after}, count=count, block=block_ms)
+        return [Event(i, f) for _, entries in reply for i, f in entries]
+
+    def last_event_id(self, task_id: str) -> str:
+        rows = self._call(self.redis.xrevrange, self.keys.events(task_id), "+", "-", 1)
+        return str(rows[0][0]) if rows else "0-0"
+
+    def wait_final(self, task_id: str, timeout: float | None) -> TaskRecord | None:
+        """Block on the task's event stream until it is final; None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cursor = self.last_event_id(task_id)
+        while True:
+            record = self.get(task_id)
+            if record.state.final:
+                return record
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            block = 5000 if remaining is None else max(1, min(5000, int(remaining * 1000)))
+            for event in self.events(task_id, after=cursor, block_ms=block):
+                cursor = event.id
+
+    # -- writing -------------------------------------------------------------
+
+    def create(self, agent: str, payload: dict[str, Any],
+               key: str | None = None) -> tuple[str, bool]:
+        """A new queued record. With an idempotency key already used, the
+        existing task's id and False (nothing is written)."""
+        task_id = new_task_id()
+        if key is not None:
+            claimed = self._call(self.redis.set, self.keys.idempotency(key), task_id, nx=True)
+            if not claimed:
+                existing = self._call(self.redis.get, self.keys.idempotency(key))
+                if existing is not None:
+                    return str(existing), False
+                return self.create(agent, payload, key)  # it expired between the two calls
+        record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=now_iso(),
+                            key=key)
+        now = time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
+                                                         "payload": json.dumps(payload)})
+            pipe.zadd(self.keys.by_agent(agent), {task_id: now})
+            pipe.zadd(self.keys.by_state(State.QUEUED), {task_id: now})
+            pipe.xadd(self.keys.events(task_id), {"type": "state", "state": State.QUEUED},
+                      maxlen=EVENTS_MAXLEN, approximate=True)
+            self._call(pipe.execute)
+        return task_id, True
+
+    def transition(self, task_id: str, to: State, *,
+                   update: Callable[[TaskRecord], dict[str, Any]] | None = None,
+                   **fields: Any) -> TaskRecord:
+        """Move a task to `to`, checking the move is allowed, and set fields.
+
+        `update` computes fields from the current record inside the
+        transaction (e.g. attempts + 1). Raises StaleTransition if the task's
+        current state may not move to `to`."""
+        key = self.keys.task(task_id)
+        result: list[TaskRecord] = []
+
+        def apply(pipe: Pipeline) -> None:
+            raw: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
+            if not raw:
+                raise TaskNotFound(task_id)
+            current = decode_record(raw)
+            if to not in TRANSITIONS[current.state]:
+                raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
+            changes = {**fields, **(update(current) if update else {}), "state": to}
+            record = current.model_copy(update=changes)
+            now = time.time()
+            pipe.multi()
+            pipe.hset(key, mapping=encode_record(record))
+            pipe.zrem(self.keys.by_state(current.state), task_id)
+            pipe.zadd(self.keys.by_state(to), {task_id: now})
+            event: dict[Any, Any] = {"type": "state", "state": str(to),
+                                     "attempt": str(record.attempts)}
+            if record.error is not None and to != State.SUCCEEDED:
+                event["error"] = record.error.kind
+            pipe.xadd(self.keys.events(task_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
+            if to in FINAL_STATES:
+                self._expire_finished(pipe, record, now)
+            result.append(record)
+
+        self._call(self.redis.transaction, apply, key)
+        return result[-1]
+
+    def _expire_finished(self, pipe: Pipeline, record: TaskRecord, now: float) -> None:
+        for key in (self.keys.task(record.id), self.keys.events(record.id)):
+            pipe.expire(key, self.retention_s)
+        if record.key is not None:
+            pipe.expire(self.keys.idempotency(record.key), self.retention_s)
+        for state in FINAL_STATES:
+            pipe.zremrangebyscore(self.keys.by_state(state), 0, now - self.retention_s)
+        pipe.zremrangebyscore(self.keys.by_agent(record.agent), 0, now - self.retention_s)
+
+    def append_output(self, task_id: str, stream: str, data: str) -> None:
+        self._call(self.redis.xadd, self.keys.events(task_id),
+                   {"type": "output", "stream": stream, "data": data},
+                   maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def add_event(self, task_id: str, kind: str, **fields: str) -> None:
+        entry: dict[str, str] = {"type": kind, **fields}
+        self._call(self.redis.xadd, self.keys.events(task_id), entry,
+                   maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def output(self, task_id: str) -> Iterator[Event]:
+        """All output events recorded so far, oldest first."""
+        cursor = "0-0"
+        while True:
+            batch = self.events(task_id, after=cursor)
+            if not batch:
+                return
+            for event in batch:
+                cursor = event.id
+                if event.type == "output":
+                    yield event
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as error:
+            raise StateStoreError(f"Redis: {error}") from None
+
+
+def encode_record(record: TaskRecord) -> dict[str, str]:
+    data = record.model_dump(mode="json")
+    return {name: json.dumps(data[name]) for name in RECORD_FIELDS}
+
+
+def decode_record(raw: dict[str, str]) -> TaskRecord:
+    return TaskRecord.model_validate(
+        {name: json.loads(raw[name]) for name in RECORD_FIELDS if name in raw}
+    )
+
+
+def error(kind: str, message: str) -> TaskError:
+    return TaskError.model_validate({"kind": kind, "message": message})
