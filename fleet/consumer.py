@@ -69,7 +69,7 @@ class TaskRunner:
         try:
             return self.store.transition(
                 task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
-                host=self.settings.host, container=container.name, started_at=now_iso(),
+                host=self.settings.host, container=container.short_id, started_at=now_iso(),
                 error=None, exit_code=None,
             )
         except StaleTransition as error:  # cancelled or finished meanwhile

@@ -1,0 +1,174 @@
+"""Helpers for the tests: real redis-server processes, fleet configs and
+`fleet worker` processes, and per-run names so repeated runs neither collide
+nor leak."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import redis
+
+from fleet.container.spec import LABEL_NAMESPACE
+from fleet.settings import FleetSettings
+
+RUN_PREFIX = f"t{uuid.uuid4().hex[:6]}"
+_namespaces = itertools.count(1)
+FLEET = str(Path(sys.executable).with_name("fleet"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def start_redis(directory: Path, *extra: str) -> RedisServer:
+    """A redis-server on a free port; returns once it accepts connections
+    (it says so on its stdout)."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--save", "", "--appendonly", "no", "--logfile", "", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "Ready to accept connections" in line:
+            break
+    else:
+        raise RuntimeError(f"redis-server on port {port} did not start:\n{''.join(seen)}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
+    return RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
+
+
+
+
+def remove_run_resources(client: docker.DockerClient) -> None:
+    for container in client.containers.list(all=True, filters={"label": LABEL_NAMESPACE}):
+        if container.labels.get(LABEL_NAMESPACE, "").startswith(RUN_PREFIX):
+            container.remove(force=True)
+    for volume in client.volumes.list(filters={"label": LABEL_NAMESPACE}):
+        if (volume.attrs.get("Labels") or {}).get(LABEL_NAMESPACE, "").startswith(RUN_PREFIX):
+            volume.remove(force=True)
+    for network in client.networks.list(filters={"label": LABEL_NAMESPACE}):
+        if (network.attrs.get("Labels") or {}).get(LABEL_NAMESPACE, "").startswith(RUN_PREFIX):
+            network.remove()
+
+
+def new_namespace() -> str:
+    return f"{RUN_PREFIX}-{next(_namespaces)}"
+
+
+@dataclass
+class Fleet:
+    """One test's fleet: its settings, config file and the workers it started."""
+
+    settings: FleetSettings
+    config: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        return {**env, "FLEET_CONFIG": str(self.config)}
+
+    def cli(self, *args: str, input: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FLEET, *args], env=self.env, input=input, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def start_worker(self, *agents: str) -> Worker:
+        args = [a for agent in agents for a in ("--agent", agent)]
+        worker = Worker(subprocess.Popen([FLEET, "worker", *args], env=self.env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True, start_new_session=True))
+        self.workers.append(worker)
+        return worker
+
+    def client(self) -> Any:
+        from fleet.client import FleetClient
+
+        return FleetClient(self.settings)
+
+
+class Worker:
+    """A `fleet worker` process; its output is drained into `lines`."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for_line(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: sum(text in line for line in self.lines) >= count, timeout)
+        assert ok, f"worker never printed {text!r}:\n{''.join(self.lines[-40:])}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                return self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait(timeout=timeout)
+
+
+def write_config(path: Path, settings: dict[str, Any]) -> None:
+    """A minimal TOML writer for the test configs (flat values and [agents.X] tables)."""
+    lines = []
+    for key, value in settings.items():
+        if key != "agents":
+            lines.append(f"{key} = {toml_value(value)}")
+    for agent, spec in settings.get("agents", {}).items():
+        lines.append(f"\n[agents.{agent}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return str(value)
+
+
+MakeFleet = Callable[..., Fleet]
+

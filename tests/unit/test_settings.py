@@ -1,0 +1,115 @@
+"""Every validation rule of the settings, each with the key named in the message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet.errors import ConfigError
+from fleet.settings import load_settings, parse_memory
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for name in list(__import__("os").environ):
+        if name.startswith("FLEET_"):
+            monkeypatch.delenv(name)
+    path = tmp_path / "fleet.toml"
+    monkeypatch.setenv("FLEET_CONFIG", str(path))
+
+    def write(text: str) -> Path:
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def load_error(config, text: str) -> str:
+    config(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_and_a_full_agent(config) -> None:
+    config('''
+redis_url = "redis://127.0.0.1:6379/0"
+host_id = ""
+secrets_dir = "/var/lib/fleet/secrets"
+[agents.dev]
+image = "fleet-agent:latest"
+command = ["fleet-agent"]
+tokens = ["forge"]
+concurrency = 1
+network = "none"
+memory = "1g"
+cpus = 1.0
+pids_limit = 256
+timeout_s = 3600
+credential_retries = 3
+''')
+    settings = load_settings()
+    dev = settings.agents["dev"]
+    assert dev.tokens == ["forge"]
+    assert dev.memory_bytes == 1024**3
+    assert settings.host  # defaults to the machine's hostname
+    assert settings.namespace == "fleet"
+
+
+def test_environment_overrides_the_file(config, monkeypatch: pytest.MonkeyPatch) -> None:
+    config('[agents.dev]\ncpus = 1.0\n')
+    monkeypatch.setenv("FLEET_AGENTS__DEV__CPUS", "2.5")
+    monkeypatch.setenv("FLEET_REDIS_URL", "redis://example:6380/1")
+    settings = load_settings()
+    assert settings.agents["dev"].cpus == 2.5
+    assert settings.redis_url == "redis://example:6380/1"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('colour = "red"\n', "colour: unknown key"),
+    ('[agents.dev]\ncolour = "red"\n', "agents.dev.colour: unknown key"),
+    ("[agents.Dev]\n", "agents.Dev: bad agent name 'Dev'"),
+    ("[agents.1dev]\n", "agents.1dev: bad agent name"),
+    (f"[agents.{'a' * 32}]\n", "bad agent name"),
+    ('[agents.dev]\ntokens = ["../forge"]\n', "agents.dev.tokens.0: bad token name '../forge'"),
+    ('[agents.dev]\ntokens = ["a/b"]\n', "agents.dev.tokens.0: bad token name 'a/b'"),
+    ('[agents.dev]\ntokens = ["a..b"]\n', "agents.dev.tokens.0: bad token name 'a..b'"),
+    ('[agents.dev]\ntokens = [".."]\n', "agents.dev.tokens.0: bad token name"),
+    ("[agents.dev]\nconcurrency = 0\n", "agents.dev.concurrency: Input should be greater than 0 (got 0)"),
+    ("[agents.dev]\npids_limit = -1\n", "agents.dev.pids_limit: Input should be greater than 0"),
+    ("[agents.dev]\ncpus = 0\n", "agents.dev.cpus: Input should be greater than 0"),
+    ("[agents.dev]\ntimeout_s = 0\n", "agents.dev.timeout_s: Input should be greater than 0"),
+    ("[agents.dev]\ncredential_retries = -1\n", "agents.dev.credential_retries:"),
+    ('[agents.dev]\nmemory = "lots"\n', "agents.dev.memory: 'lots' is not a memory size"),
+    ('[agents.dev]\nmemory = "1x"\n', "agents.dev.memory: '1x' is not a memory size"),
+    ('[agents.dev]\nmemory = "1k"\n', "agents.dev.memory: '1k' is below the engine's minimum"),
+    ('[agents.dev]\nnetwork = "host"\n', "agents.dev.network: network 'host' is not allowed"),
+    ('[agents.dev]\nnetwork = "bridge"\n', "agents.dev.network: network 'bridge' is not allowed"),
+    ('[agents.dev]\ncommand = []\n', "agents.dev.command:"),
+    ('redis_url = "http://x"\n', "redis_url:"),
+    ('namespace = "Fleet"\n', "namespace:"),
+    ("payload_limit = 0\n", "payload_limit: Input should be greater than 0"),
+])
+def test_rejected_with_the_key_named(config, text: str, expected: str) -> None:
+    assert expected in load_error(config, text)
+
+
+def test_bad_toml_syntax_is_one_line(config) -> None:
+    assert "invalid configuration" in load_error(config, "[agents.dev\n")
+
+
+def test_missing_config_file_named_by_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FLEET_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="FLEET_CONFIG: no such file"):
+        load_settings()
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("512m", 512 * 1024**2), ("1g", 1024**3), ("1G", 1024**3), ("2GiB", 2 * 1024**3),
+    ("1.5g", int(1.5 * 1024**3)), ("7340032", 7340032), ("64mb", 64 * 1024**2),
+])
+def test_memory_sizes(text: str, size: int) -> None:
+    assert parse_memory(text) == size

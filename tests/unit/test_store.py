@@ -1,0 +1,93 @@
+"""Task records in Redis (fakeredis here; the integration tests use a real server)."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from fleet.errors import StaleTransition, TaskNotFound
+from fleet.output import TRUNCATED, OutputRecorder
+from fleet.record import ErrorKind, State, TaskError
+from fleet.store import TaskStore
+
+
+@pytest.fixture
+def store() -> TaskStore:
+    return TaskStore(fakeredis.FakeRedis(decode_responses=True), "ns", retention_s=100)
+
+
+def test_create_is_queued_and_indexed(store: TaskStore) -> None:
+    task_id, created = store.create("dev", {"echo": "hi"})
+    assert created
+    record = store.get(task_id)
+    assert (record.state, record.agent, record.attempts) == (State.QUEUED, "dev", 0)
+    assert store.payload(task_id) == {"echo": "hi"}
+    assert [r.id for r in store.list_tasks(agent="dev")] == [task_id]
+    assert [r.id for r in store.list_tasks(state=State.QUEUED)] == [task_id]
+    assert store.list_tasks(agent="boss") == []
+
+
+def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
+    first, created = store.create("dev", {}, key="k1")
+    again, created_again = store.create("dev", {"other": 1}, key="k1")
+    assert created and not created_again and again == first
+    assert store.payload(first) == {}
+    assert len(store.list_tasks(agent="dev")) == 1
+
+
+def test_transitions_move_indexes_and_record_events(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    running = store.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
+                               host="h1")
+    assert (running.state, running.attempts, running.host) == (State.RUNNING, 1, "h1")
+    assert store.list_tasks(state=State.QUEUED) == []
+    store.transition(task_id, State.SUCCEEDED, result={"ok": 1})
+    assert store.get(task_id).result == {"ok": 1}
+    states = [e.fields["state"] for e in store.events(task_id) if e.type == "state"]
+    assert states == ["queued", "running", "succeeded"]
+
+
+def test_a_final_task_never_goes_back(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    store.transition(task_id, State.CANCELLED)
+    for state in (State.RUNNING, State.RETRYING, State.SUCCEEDED, State.QUEUED):
+        with pytest.raises(StaleTransition):
+            store.transition(task_id, state)
+    assert store.get(task_id).state == State.CANCELLED
+
+
+def test_finished_tasks_expire_after_retention(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {}, key="k")
+    store.transition(task_id, State.FAILED, error=TaskError(kind=ErrorKind.FAILED, message="x"))
+    r = store.redis
+    for key in (store.keys.task(task_id), store.keys.events(task_id), store.keys.idempotency("k")):
+        assert 0 < r.ttl(key) <= 100
+    r.delete(store.keys.task(task_id))  # as if it expired
+    assert store.list_tasks(agent="dev") == []
+    assert r.zcard(store.keys.by_agent("dev")) == 0
+
+
+def test_unknown_task(store: TaskStore) -> None:
+    with pytest.raises(TaskNotFound, match="no task 'nope'"):
+        store.get("nope")
+
+
+def test_output_is_recorded_in_order_and_capped(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    out = OutputRecorder(store, task_id, limit=20)
+    out.write("stdout", b"hello ")
+    out.write("stdout", "w\u00f6rld\n".encode()[:3])  # a multi-byte char split across chunks
+    out.write("stdout", "w\u00f6rld\n".encode()[3:])
+    out.write("stderr", b"x" * 50)
+    text = "".join(e.fields["data"] for e in store.output(task_id))
+    assert text.startswith("hello w\u00f6rld\n")
+    assert text.endswith(TRUNCATED)
+    assert out.last_line("stdout") == "hello w\u00f6rld"
+
+
+def test_last_line_spans_chunks(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    out = OutputRecorder(store, task_id, limit=1000)
+    for chunk in (b"progress\n{\"res", b"ult\": ", b"42}\n"):
+        out.write("stdout", chunk)
+    assert out.last_line("stdout") == '{"result": 42}'
