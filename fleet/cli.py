@@ -168,12 +168,11 @@ def logs(ctx: Context, task_id: str, follow: bool) -> None:
 def cancel(ctx: Context, task_id: str) -> None:
     """Cancel a queued or running task."""
     before = ctx.client.status(task_id)
-    record = ctx.client.cancel(task_id)
     if before.state.final:
         click.echo(f"task {task_id} is already {before.state}; nothing changed")
         return
+    ctx.client.cancel(task_id)
     click.echo(f"task {task_id} cancelled (was {before.state})")
-    del record
 
 
 @cli.command()
@@ -250,3 +249,5 @@ def main(argv: list[str] | None = None) -> Any:
     except FleetError as error:
         click.echo(f"fleet: {error}", err=True)
         sys.exit(error.exit_code)
+if __name__ == "__main__":
+    main()

@@ -129,6 +129,14 @@ class TaskStore:
         reply = self._call(self.redis.xread, {key: after}, count=count, block=block_ms)
         return [Event(i, f) for _, entries in reply for i, f in entries]
 
+    def wait_for_events(self, cursors: dict[str, str], block_ms: int) -> None:
+        """Block until any of these tasks (id → last event id seen) has a new
+        event, or block_ms passes; advances the cursors."""
+        streams: dict[Any, Any] = {self.keys.events(i): c for i, c in cursors.items()}
+        by_key = {self.keys.events(i): i for i in cursors}
+        for key, entries in self._call(self.redis.xread, streams, block=block_ms) or []:
+            cursors[by_key[key]] = entries[-1][0]
+
     def last_event_id(self, task_id: str) -> str:
         rows = self._call(self.redis.xrevrange, self.keys.events(task_id), "+", "-", 1)
         return str(rows[0][0]) if rows else "0-0"

@@ -9,9 +9,9 @@ import subprocess
 
 import docker
 import pytest
+from support import FLEET, Fleet, MakeFleet
 
 from fleet.record import State
-from support import FLEET, Fleet, MakeFleet
 
 AGENTS = {"boss": {}, "dev": {"concurrency": 2}, "reviewer": {}}
 
@@ -184,3 +184,36 @@ def test_bad_input_exits_2_with_one_line(make_fleet: MakeFleet, args: list[str],
     if not message.startswith("Invalid"):
         assert len(done.stderr.strip().splitlines()) == 1
     assert fleet.client().tasks() == []
+
+
+def test_a_cancelled_queued_task_never_runs(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}})
+    client = fleet.client()
+    doomed = client.submit("dev", {"record": "runs"})
+    cancel = fleet.cli("cancel", doomed)
+    assert cancel.returncode == 0 and "cancelled (was queued)" in cancel.stdout
+    fleet.start_worker()
+    after = client.submit("dev", {"record": "runs"})  # one queue, in order: runs after the doomed one
+    assert client.wait(after, 60).state == State.SUCCEEDED
+    record = client.status(doomed)
+    assert (record.state, record.attempts, record.started_at) == (State.CANCELLED, 0, None)
+    again = fleet.cli("cancel", doomed)
+    assert again.returncode == 0 and "already cancelled; nothing changed" in again.stdout
+
+
+def test_worker_start_removes_orphans_of_its_host(make_fleet: MakeFleet,
+                                                  docker_client: docker.DockerClient) -> None:
+    from fleet.container.manager import ContainerManager
+
+    fleet = make_fleet({"dev": {}, "gone": {}})
+    manager = ContainerManager(docker_client, fleet.settings)
+    orphan = manager.ensure("gone")
+    dead = manager.ensure("dev")
+    dead.stop(timeout=1)
+    fleet.config.write_text(fleet.config.read_text().replace("[agents.gone]\n", ""))
+    worker = fleet.start_worker()
+    worker.wait_for_line("removed orphaned container", count=2)
+    names = {c.name for c in manager.containers()}
+    assert orphan.name not in names
+    assert dead.id not in {c.id for c in manager.containers()}
+    assert run(fleet, "dev", {}).state == State.SUCCEEDED
