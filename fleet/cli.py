@@ -175,18 +175,109 @@ def cancel(ctx: Context, task_id: str) -> None:
     click.echo(f"task {task_id} cancelled (was {before.state})")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True)
-@pass_context
-def agents(ctx: Context, as_json: bool) -> None:
-    """Agents, their queue depth and their container on this host."""
+@click.pass_context
+def agents(click_ctx: click.Context, as_json: bool) -> None:
+    """Agents: queue depth, container on this host, paused or not."""
+    if click_ctx.invoked_subcommand is not None:
+        return
     from fleet.display import agent_rows, agent_table
 
+    ctx = click_ctx.ensure_object(Context)
     rows = agent_rows(ctx.settings, ctx.client)
     if as_json:
         click.echo(json.dumps(rows))
         return
     agent_table(rows).print()
+
+
+@agents.command("resume")
+@click.argument("agent")
+@pass_context
+def agents_resume(ctx: Context, agent: str) -> None:
+    """Close AGENT's circuit breaker: its consumers on every host take tasks again."""
+    if ctx.client.resume(agent, "resumed by operator"):
+        click.echo(f"agent {agent} resumed")
+    else:
+        click.echo(f"agent {agent} was not paused")
+
+
+@cli.group()
+def tokens() -> None:
+    """The agents' token files on this host (values are never printed)."""
+
+
+@tokens.command("set")
+@click.argument("agent")
+@click.argument("name")
+@pass_context
+def tokens_set(ctx: Context, agent: str, name: str) -> None:
+    """Read NAME's value for AGENT from stdin and write it atomically (0600).
+
+    The value is never taken from the command line, where other users and
+    shell history could see it. From a terminal it is read without echo."""
+    from fleet.errors import StateStoreError
+    from fleet.tokens import TokenStore
+
+    store = TokenStore(ctx.settings)
+    store.declared(agent, name)
+    if sys.stdin.isatty():
+        import getpass
+
+        value = getpass.getpass(f"value of {agent}/{name} (not echoed): ")
+    else:
+        value = sys.stdin.read()
+    value = value.removesuffix("\n")
+    info = store.set(agent, name, value.encode())
+    click.echo(f"token {agent}/{name} written ({info.fingerprint})")
+    try:
+        retried = ctx.client.token_rotated(agent, name)
+    except StateStoreError as error:
+        raise StateStoreError(f"token written, but the agent could not be resumed: {error}") from None
+    if retried:
+        click.echo(f"retrying now: {', '.join(retried)}")
+
+
+@tokens.command("list")
+@click.argument("agent", required=False)
+@pass_context
+def tokens_list(ctx: Context, agent: str | None) -> None:
+    """Names, age and a short fingerprint of the token files; never values."""
+    from fleet.display import token_table
+    from fleet.tokens import TokenStore
+
+    token_table(TokenStore(ctx.settings).list(agent)).print()
+
+
+@tokens.command("rm")
+@click.argument("agent")
+@click.argument("name")
+@pass_context
+def tokens_rm(ctx: Context, agent: str, name: str) -> None:
+    """Remove AGENT's token NAME from this host."""
+    from fleet.tokens import TokenStore
+
+    TokenStore(ctx.settings).remove(agent, name)
+    click.echo(f"token {agent}/{name} removed")
+
+
+@cli.command()
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new alerts.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@pass_context
+def alerts(ctx: Context, follow: bool, as_json: bool) -> None:
+    """Credential failures and circuit-breaker openings and closings."""
+    from fleet.display import alert_line
+
+    cursor = "0-0"
+    while True:
+        batch = ctx.client.alerts.read(cursor, block_ms=5000 if follow else None)
+        for alert_id, alert in batch:
+            click.echo(json.dumps(alert) if as_json else alert_line(alert))
+            cursor = alert_id
+        if not follow:
+            return
 
 
 @cli.command()

@@ -9,6 +9,8 @@ from typing import Any
 import kombu.exceptions
 import redis
 
+from fleet.alerts import Alerts
+from fleet.breaker import Breaker
 from fleet.dispatch import make_celery, publish
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
@@ -22,6 +24,8 @@ class FleetClient:
         self.store = TaskStore(redis_client or connect_redis(settings.redis_url),
                                settings.namespace, settings.retention_s)
         self.app = make_celery(settings)
+        self.alerts = Alerts(self.store.redis, self.store.keys, settings.alert_command)
+        self.breaker = Breaker(self.store.redis, self.store.keys, self.alerts)
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> FleetClient:
@@ -73,6 +77,23 @@ class FleetClient:
         if agent is not None:
             self.settings.agent(agent)
         return self.store.list_tasks(agent=agent, state=State(state) if state else None)
+
+    def resume(self, agent: str, why: str) -> bool:
+        """Close the agent's breaker on every host; False if it was not open."""
+        self.settings.agent(agent)
+        return self.breaker.resume(agent, why)
+
+    def token_rotated(self, agent: str, name: str) -> list[str]:
+        """After `fleet tokens set`: resume the agent and run at once the
+        tasks waiting to retry a credential failure (their delayed retry,
+        when it comes, finds the attempt started and is dropped)."""
+        self.resume(agent, f"token {name} rotated")
+        retried = []
+        for record in self.store.list_tasks(agent=agent, state=State.RETRYING):
+            if record.error is not None and record.error.kind == ErrorKind.CREDENTIAL:
+                publish(self.app, self.settings, record.id, agent, attempt=record.attempts + 1)
+                retried.append(record.id)
+        return retried
 
     def queue_depth(self, agent: str) -> int:
         from fleet.routing import queue_name

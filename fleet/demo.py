@@ -29,6 +29,7 @@ from fleet.errors import ConfigError, FleetError
 from fleet.image import build_image
 from fleet.record import State
 from fleet.settings import FleetSettings, load_settings
+from fleet.tokens import TokenStore
 
 DEMO_DIR = Path(".fleet/demo")
 NAMESPACE = "fleet-demo"
@@ -96,7 +97,7 @@ def demo_config(redis_url: str) -> Path:
              f'secrets_dir = "{secrets_dir}"']
     for agent in AGENTS:
         lines += [f"[agents.{agent}]", 'tokens = ["forge"]', "concurrency = 2",
-                  "retry_backoff_s = 0.5", 'memory = "256m"', "timeout_s = 120"]
+                  "transient_backoff_s = 0.5", 'memory = "256m"', "timeout_s = 120"]
     path = DEMO_DIR / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path.resolve()
@@ -104,14 +105,9 @@ def demo_config(redis_url: str) -> Path:
 
 def plant_tokens(settings: FleetSettings) -> None:
     """Give each demo agent a made-up forge token (it never leaves the file)."""
+    store = TokenStore(settings)
     for agent in AGENTS:
-        directory = settings.secrets_dir / agent
-        ContainerManager.prepare_token_dir(directory, settings.agent_uid)
-        token = directory / "forge"
-        token.write_text(secrets.token_hex(16))
-        token.chmod(0o600)
-        if os.geteuid() == 0:
-            os.chown(token, settings.agent_uid, settings.agent_uid)
+        store.set(agent, "forge", secrets.token_hex(16).encode())
 
 
 def base_redis_url() -> str:

@@ -20,7 +20,8 @@ def visibility_timeout(settings: FleetSettings) -> int:
     starts while the first still runs (celery#5935), and the longest retry
     delay, since retries wait in a worker as ETA messages."""
     longest = max(
-        [max(spec.timeout_s, spec.retry_backoff_max_s) for spec in settings.agents.values()],
+        [max(spec.timeout_s, spec.transient_backoff_max_s, spec.credential_backoff_max_s)
+         for spec in settings.agents.values()],
         default=3600,
     )
     return int(longest) + VISIBILITY_MARGIN_S
@@ -61,11 +62,14 @@ def make_celery(settings: FleetSettings) -> Celery:
     return app
 
 
-def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str,
+def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str, attempt: int = 1,
             countdown: float | None = None) -> None:
-    """Send task `task_id` to its agent's queue. The message carries only the
-    id and the agent: the payload stays in the task record."""
+    """Send task `task_id` to its agent's queue, to be run as `attempt`. The
+    message carries only the id, the agent and the attempt: the payload stays
+    in the task record. A message whose attempt has already started is stale
+    and dropped, so a retry published twice runs once."""
     queue = queue_name(settings.namespace, agent)
-    app.send_task(TASK_NAME, args=[task_id], kwargs={"agent": agent}, task_id=task_id,
+    app.send_task(TASK_NAME, args=[task_id], kwargs={"agent": agent, "attempt": attempt},
+                  task_id=task_id,
                   queue=queue, routing_key=queue, exchange=f"{settings.namespace}.agents",
                   countdown=countdown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import docker.errors
@@ -13,6 +14,7 @@ from fleet.engine import connect
 from fleet.errors import EngineError
 from fleet.record import TaskRecord
 from fleet.settings import FleetSettings
+from fleet.tokens import TokenInfo
 
 if TYPE_CHECKING:
     from fleet.client import FleetClient
@@ -56,18 +58,41 @@ def agent_rows(settings: FleetSettings, client: FleetClient) -> list[dict[str, A
                 state = str(engine.containers.get(container.name).status)
             except docker.errors.NotFound:
                 state = "none"
+        pause = client.breaker.paused(agent)
         rows.append({"agent": agent, "queued": client.queue_depth(agent),
                      "container": container.name, "container_state": state,
-                     "concurrency": spec.concurrency, "paused": False})
+                     "concurrency": spec.concurrency, "paused": pause is not None,
+                     "status": pause.describe() if pause else "active"})
     return rows
 
 
 def agent_table(rows: list[dict[str, Any]]) -> Printable:
     table = Table()
-    for column in ("agent", "queued", "container", "state", "slots", "paused"):
+    for column in ("agent", "queued", "container", "state", "slots", "status"):
         table.add_column(column)
     for row in rows:
+        status = f"[red]{row['status']}[/]" if row["paused"] else row["status"]
         table.add_row(row["agent"], str(row["queued"]), row["container"],
-                      row["container_state"], str(row["concurrency"]),
-                      "yes" if row["paused"] else "no")
+                      row["container_state"], str(row["concurrency"]), status)
     return Printable(table)
+
+
+def token_table(tokens: list[TokenInfo]) -> Printable:
+    table = Table()
+    for column in ("agent", "name", "age", "fingerprint"):
+        table.add_column(column)
+    for token in tokens:
+        table.add_row(token.agent, token.name, human_age(token.age_s), token.fingerprint)
+    return Printable(table)
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def alert_line(alert: dict[str, str]) -> str:
+    when = datetime.fromtimestamp(float(alert.get("time", 0)), UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{when}  {alert.get('kind', ''):<18} {alert.get('agent', ''):<12} {alert.get('message', '')}"

@@ -5,6 +5,10 @@
     {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
+    {ns}:alerts                 stream credential failures, breaker openings and closings, capped
+    {ns}:agent:{agent}:paused   hash   the agent's circuit breaker is open: reason, token, since
+    {ns}:agent:{agent}:credential-failures  string  consecutive credential failures
+    {ns}:control                pubsub "paused"/"resumed" notices (the flag above is the truth)
     {ns}:broker:...                    Celery/kombu's own keys (queues, unacked messages)
 
 Finished tasks' record, events and idempotency key expire after
@@ -34,6 +38,20 @@ class Keys:
 
     def idempotency(self, key: str) -> str:
         return f"{self.namespace}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.namespace}:alerts"
+
+    def paused(self, agent: str) -> str:
+        return f"{self.namespace}:agent:{agent}:paused"
+
+    def credential_failures(self, agent: str) -> str:
+        return f"{self.namespace}:agent:{agent}:credential-failures"
+
+    @property
+    def control(self) -> str:
+        return f"{self.namespace}:control"
 
     @property
     def broker_prefix(self) -> str:

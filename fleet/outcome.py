@@ -47,12 +47,18 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     return float(min(cap, base * 2 ** max(0, attempt - 1)) * (0.5 + rng.random() / 2))
 
 
-def retry_or_fail(kind: ErrorKind, message: str, *, attempt: int, retries: int, spec: AgentSpec,
+def retry_or_fail(kind: ErrorKind, message: str, *, attempt: int, spec: AgentSpec,
                   rng: random.Random, token: str | None = None) -> Outcome:
-    """Retry after a backoff while attempts remain, else fail."""
+    """Retry after the kind's backoff while its retries remain, else fail."""
     error = TaskError(kind=kind, message=message)
+    if kind == ErrorKind.CREDENTIAL:
+        retries, base, cap = (spec.credential_retries, spec.credential_backoff_s,
+                              spec.credential_backoff_max_s)
+    else:
+        retries, base, cap = (spec.transient_retries, spec.transient_backoff_s,
+                              spec.transient_backoff_max_s)
     if attempt <= retries:
-        delay = backoff(attempt, spec.retry_backoff_s, spec.retry_backoff_max_s, rng)
+        delay = backoff(attempt, base, cap, rng)
         return Outcome(State.RETRYING, error=error, retry_in=delay, token=token)
     return Outcome(State.FAILED, error=error, token=token)
 
@@ -69,15 +75,14 @@ def classify(status: ExitStatus, *, agent: str, attempt: int, spec: AgentSpec,
         return Outcome(State.SUCCEEDED, result=parse_result(last_stdout_line))
     if status.code == EXIT_TRANSIENT:
         return retry_or_fail(ErrorKind.TRANSIENT, f"transient failure (exit 75) on attempt "
-                             f"{attempt}", attempt=attempt, retries=spec.transient_retries,
-                             spec=spec, rng=rng)
+                             f"{attempt}", attempt=attempt, spec=spec, rng=rng)
     if status.code == EXIT_CREDENTIAL:
         token = credential_token(last_stderr_line)
         named = f"token {token!r}" if token else "a token"
         fix = f"fleet tokens set {agent} {token or 'NAME'}"
         message = (f"credential failure (exit 77): {named} of agent {agent!r} was rejected; "
                    f"rotate it with `{fix}`")
-        return retry_or_fail(ErrorKind.CREDENTIAL, message, attempt=attempt,
-                             retries=spec.credential_retries, spec=spec, rng=rng, token=token)
+        return retry_or_fail(ErrorKind.CREDENTIAL, message, attempt=attempt, spec=spec, rng=rng,
+                             token=token)
     return Outcome(State.FAILED, error=TaskError(kind=ErrorKind.FAILED,
                                                   message=f"exited with {status.code}"))

@@ -1,44 +1,50 @@
-"""Recording a running task's output into its event stream, within the size
-limit, while keeping the last line of each stream for the job protocol."""
+"""Recording a running task's output into its event stream, masked, within
+the size limit, while keeping the last line of each stream for the job
+protocol (the result is stdout's last line, after masking)."""
 
 from __future__ import annotations
 
 import codecs
 
+from fleet.masking import Masker
 from fleet.store import TaskStore
 
 TAIL_LIMIT = 1024 * 1024  # the result line must fit
 TRUNCATED = "\n[fleet: output truncated at the log limit]\n"
+STREAMS = ("stdout", "stderr")
 
 
 class OutputRecorder:
-    def __init__(self, store: TaskStore, task_id: str, limit: int) -> None:
+    def __init__(self, store: TaskStore, task_id: str, limit: int,
+                 secrets: list[bytes] | None = None) -> None:
         self.store = store
         self.task_id = task_id
         self.remaining = limit
         self.truncated = False
-        self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace")
-                          for s in ("stdout", "stderr")}
-        self._tails = {"stdout": "", "stderr": ""}
+        self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
+        self._maskers = {s: Masker(secrets or []) for s in STREAMS}
+        self._tails = dict.fromkeys(STREAMS, "")
 
     def write(self, stream: str, data: bytes) -> None:
-        text = self._decoders[stream].decode(data)
-        self._remember_tail(stream, text)
-        self._store(stream, text)
+        self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(data)))
 
-    def _store(self, stream: str, text: str) -> None:
-        if not text or self.truncated:
+    def close(self) -> None:
+        """Release what the maskers hold back (an unfinished last line)."""
+        for stream in STREAMS:
+            self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(b"", True)))
+            self._record(stream, self._maskers[stream].flush())
+
+    def _record(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        self._tails[stream] = (self._tails[stream] + text)[-TAIL_LIMIT:]
+        if self.truncated:
             return
         if len(text) > self.remaining:
             text = text[: self.remaining] + TRUNCATED
             self.truncated = True
         self.remaining -= len(text)
         self.store.append_output(self.task_id, stream, text)
-
-    def _remember_tail(self, stream: str, text: str) -> None:
-        # Only the last complete line matters, and it may span chunks.
-        tail = (self._tails[stream] + text)[-TAIL_LIMIT:]
-        self._tails[stream] = tail
 
     def last_line(self, stream: str) -> str:
         lines = [line for line in self._tails[stream].splitlines() if line.strip()]

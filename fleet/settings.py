@@ -90,9 +90,12 @@ class AgentSpec(BaseModel):
     pids_limit: PositiveInt = 256
     timeout_s: float = Field(3600, gt=0)
     credential_retries: int = Field(3, ge=0, le=100)
+    credential_backoff_s: float = Field(5.0, gt=0)
+    credential_backoff_max_s: float = Field(600.0, gt=0)
     transient_retries: int = Field(3, ge=0, le=100)
-    retry_backoff_s: float = Field(2.0, gt=0)
-    retry_backoff_max_s: float = Field(300.0, gt=0)
+    transient_backoff_s: float = Field(2.0, gt=0)
+    transient_backoff_max_s: float = Field(300.0, gt=0)
+    breaker_threshold: PositiveInt = 3  # consecutive credential failures that pause the agent
 
     @property
     def memory_bytes(self) -> int:
@@ -126,6 +129,7 @@ class FleetSettings(BaseSettings):
     payload_limit: PositiveInt = 1024 * 1024
     log_limit: PositiveInt = 8 * 1024 * 1024
     retention_s: PositiveInt = 7 * 24 * 3600
+    alert_command: list[str] = Field(default_factory=list)  # run with each alert as JSON on stdin
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @classmethod

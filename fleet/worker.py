@@ -22,25 +22,36 @@ log = logging.getLogger("fleet.worker")
 
 def serve_agent(settings: FleetSettings, agent: str) -> int:
     """Consume one agent's queue in this process until told to stop."""
-    from fleet.consumer import TaskRunner, register_consumer
+    from fleet.alerts import Alerts
+    from fleet.breaker import Breaker
+    from fleet.consumer import Credentials, TaskRunner, register_consumer
     from fleet.dispatch import make_celery, publish
     from fleet.forward import ExecForwarder
+    from fleet.pause import PauseControl, install
     from fleet.routing import queue_name
     from fleet.store import TaskStore, connect_redis
+    from fleet.tokens import TokenStore
 
     spec = settings.agent(agent)
+    queue = queue_name(settings.namespace, agent)
     app = make_celery(settings)
     manager = ContainerManager(connect(), settings)
     store = TaskStore(connect_redis(settings.redis_url), settings.namespace, settings.retention_s)
+    alerts = Alerts(store.redis, store.keys, settings.alert_command)
+    breaker = Breaker(store.redis, store.keys, alerts)
+    pause = PauseControl(breaker, agent, queue)
+    install(app, pause)
 
-    def republish(task_id: str, task_agent: str, delay: float) -> None:
-        publish(app, settings, task_id, task_agent, countdown=delay)
+    def republish(task_id: str, task_agent: str, attempt: int, delay: float) -> None:
+        publish(app, settings, task_id, task_agent, attempt=attempt, countdown=delay)
 
-    register_consumer(app, TaskRunner(settings, store, manager, ExecForwarder(), republish))
+    credentials = Credentials(TokenStore(settings), breaker, alerts, pause.is_paused)
+    register_consumer(app, TaskRunner(settings, store, manager, ExecForwarder(), republish,
+                                      credentials))
     manager.ensure(agent)
     worker = app.Worker(
         hostname=f"{agent}@{settings.host}",
-        queues=[queue_name(settings.namespace, agent)],
+        queues=[queue],
         concurrency=spec.concurrency,
         pool="threads",
         loglevel="INFO",

@@ -5,12 +5,10 @@ between tasks when it is gone, stopped, or has drifted from its spec."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import docker
 import docker.errors
@@ -27,6 +25,7 @@ from fleet.container.spec import (
 from fleet.engine import engine_errors
 from fleet.errors import EngineError
 from fleet.settings import FleetSettings
+from fleet.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class ContainerManager:
 
     def recreate(self, spec: ContainerSpec, old: Container | None, reason: str) -> Container:
         log.info("creating container %s (%s)", spec.name, reason)
-        self.prepare_token_dir(Path(spec.token_dir), spec.uid)
+        TokenStore(self.settings).prepare(spec.labels[LABEL_AGENT])
         with engine_errors(f"creating container {spec.name}"):
             if old is not None:
                 old.remove(force=True)
@@ -117,16 +116,6 @@ class ContainerManager:
             raise EngineError(
                 f"network {network!r} does not exist: docker network create {network}"
             ) from None
-
-    @staticmethod
-    def prepare_token_dir(path: Path, uid: int) -> None:
-        """<secrets_dir>/<agent>/, 0700 and owned by the agent's uid so only
-        the agent's user inside the container can read it."""
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
-        path.chmod(0o700)
-        if os.geteuid() == 0:
-            os.chown(path, uid, uid)
 
     def containers(self) -> list[Container]:
         """Every container fleet made on this host in this namespace."""

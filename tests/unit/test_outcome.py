@@ -9,7 +9,8 @@ from fleet.outcome import backoff, classify, parse_result
 from fleet.record import ErrorKind, State
 from fleet.settings import AgentSpec
 
-SPEC = AgentSpec(transient_retries=2, credential_retries=1, retry_backoff_s=1, retry_backoff_max_s=10)
+SPEC = AgentSpec(transient_retries=2, credential_retries=1, transient_backoff_s=1,
+                 transient_backoff_max_s=10, credential_backoff_s=20, credential_backoff_max_s=30)
 
 
 def outcome(code: int, attempt: int = 1, stdout: str = "", stderr: str = "", timed_out: bool = False):
@@ -39,6 +40,7 @@ def test_transient_retries_then_fails() -> None:
 def test_credential_failure_names_the_token_and_the_fix() -> None:
     first = outcome(77, stderr="fleet: credential-failure token=forge")
     assert first.state == State.RETRYING and first.token == "forge"
+    assert first.retry_in is not None and 10 <= first.retry_in <= 20  # its own backoff
     last = outcome(77, attempt=2, stderr="fleet: credential-failure token=forge")
     assert last.state == State.FAILED and last.error is not None
     assert last.error.kind == ErrorKind.CREDENTIAL

@@ -79,6 +79,7 @@ def test_output_is_recorded_in_order_and_capped(store: TaskStore) -> None:
     out.write("stdout", "w\u00f6rld\n".encode()[:3])  # a multi-byte char split across chunks
     out.write("stdout", "w\u00f6rld\n".encode()[3:])
     out.write("stderr", b"x" * 50)
+    out.close()
     text = "".join(e.fields["data"] for e in store.output(task_id))
     assert text.startswith("hello w\u00f6rld\n")
     assert text.endswith(TRUNCATED)
@@ -90,4 +91,16 @@ def test_last_line_spans_chunks(store: TaskStore) -> None:
     out = OutputRecorder(store, task_id, limit=1000)
     for chunk in (b"progress\n{\"res", b"ult\": ", b"42}\n"):
         out.write("stdout", chunk)
+    out.close()
     assert out.last_line("stdout") == '{"result": 42}'
+
+
+def test_tokens_are_masked_before_they_are_stored(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    out = OutputRecorder(store, task_id, limit=10_000, secrets=[b"hunter22"])
+    out.write("stdout", b"my token is hun")
+    out.write("stdout", b'ter22\n{"token": "hunter22"}')
+    out.close()
+    text = "".join(e.fields["data"] for e in store.output(task_id))
+    assert "hunter22" not in text and text.count("[masked]") == 2
+    assert out.last_line("stdout") == '{"token": "[masked]"}'

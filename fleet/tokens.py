@@ -1,0 +1,136 @@
+"""The host's token store: <secrets_dir>/<agent>/<name>, directories 0700 and
+files 0600, owned by the agents' uid so only the agent's user inside its
+container can read them.
+
+A token is written to a temporary file in the same directory, fsynced and
+renamed over the old one. The container sees the directory through a bind
+mount (not single files: a single-file bind keeps the old inode after a
+rename), so a rotation is visible inside a running container at once, and a
+reader sees the whole old value or the whole new one, never a mix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.errors import UsageError
+from fleet.settings import FleetSettings, check_token_name
+
+FINGERPRINT_LENGTH = 12
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    agent: str
+    name: str
+    age_s: float
+    fingerprint: str
+
+
+def fingerprint(value: bytes) -> str:
+    """A short digest that tells two values apart without revealing either."""
+    return "sha256:" + hashlib.sha256(value).hexdigest()[:FINGERPRINT_LENGTH]
+
+
+class TokenStore:
+    def __init__(self, settings: FleetSettings) -> None:
+        self.settings = settings
+
+    def directory(self, agent: str) -> Path:
+        return self.settings.secrets_dir / agent
+
+    def declared(self, agent: str, name: str) -> None:
+        """Refuse names the agent's config does not list."""
+        spec = self.settings.agent(agent)
+        try:
+            check_token_name(name)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if name not in spec.tokens:
+            listed = ", ".join(spec.tokens) or "none"
+            raise UsageError(f"agent {agent!r} does not declare token {name!r} (tokens: {listed})")
+
+    def prepare(self, agent: str) -> Path:
+        directory = self.directory(agent)
+        self.settings.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)
+        self._own(directory)
+        return directory
+
+    def set(self, agent: str, name: str, value: bytes) -> TokenInfo:
+        """Write a token atomically: temp file, fsync, rename, fsync the directory."""
+        self.declared(agent, name)
+        if not value:
+            raise UsageError("the token value is empty")
+        directory = self.prepare(agent)
+        fd, temp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            if os.geteuid() == 0:
+                os.fchown(fd, self.settings.agent_uid, self.settings.agent_uid)
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temp, directory / name)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.info(agent, name)
+
+    def remove(self, agent: str, name: str) -> None:
+        self.declared(agent, name)
+        path = self.directory(agent) / name
+        if not path.is_file():
+            raise UsageError(f"agent {agent!r} has no token {name!r}")
+        path.unlink()
+
+    def read(self, agent: str, name: str) -> bytes | None:
+        """The value, for fleet's own use on the host (fingerprints, masking)."""
+        path = self.directory(agent) / name
+        try:
+            if path.is_symlink():
+                return None  # never follow a link planted in the secrets tree
+            return path.read_bytes()
+        except OSError:
+            return None
+
+    def values(self, agent: str) -> list[bytes]:
+        found = (self.read(agent, name) for name in self.settings.agent(agent).tokens)
+        return [value for value in found if value]
+
+    def fingerprints(self, agent: str) -> dict[str, str]:
+        result = {}
+        for name in self.settings.agent(agent).tokens:
+            value = self.read(agent, name)
+            result[name] = fingerprint(value) if value else "missing"
+        return result
+
+    def info(self, agent: str, name: str) -> TokenInfo:
+        path = self.directory(agent) / name
+        value = self.read(agent, name) or b""
+        return TokenInfo(agent, name, time.time() - path.stat().st_mtime, fingerprint(value))
+
+    def list(self, agent: str | None = None) -> list[TokenInfo]:
+        agents = [agent] if agent else sorted(self.settings.agents)
+        found = []
+        for name in agents:
+            self.settings.agent(name)
+            for token in self.settings.agents[name].tokens:
+                if (self.directory(name) / token).is_file():
+                    found.append(self.info(name, token))
+        return found
+
+    def _own(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            os.chown(path, self.settings.agent_uid, self.settings.agent_uid)
