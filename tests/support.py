@@ -5,6 +5,7 @@ nor leak."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -164,7 +165,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return str(value)
@@ -172,3 +173,17 @@ def toml_value(value: Any) -> str:
 
 MakeFleet = Callable[..., Fleet]
 
+
+
+def wait_for_state(client: Any, task_id: str, state: Any, timeout: float = 60) -> Any:
+    """Block on the task's event stream until it enters `state`; its record then."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    cursor = "0-0"
+    while time.monotonic() < deadline:
+        for event in client.store.events(task_id, after=cursor, block_ms=1000):
+            cursor = event.id
+            if event.type == "state" and event.fields.get("state") == state:
+                return client.status(task_id)
+    raise AssertionError(f"task {task_id} never became {state}: {client.status(task_id)}")
