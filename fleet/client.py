@@ -69,9 +69,13 @@ class FleetClient:
         record = self.store.get(task_id)
         if record.state.final:
             return record
-        return self.store.transition(task_id, State.CANCELLED, finished_at=now_iso(),
-                                     error=TaskError(kind=ErrorKind.CANCELLED,
-                                                     message="cancelled by request"))
+        cancelled = self.store.transition(task_id, State.CANCELLED, finished_at=now_iso(),
+                                          error=TaskError(kind=ErrorKind.CANCELLED,
+                                                          message="cancelled by request"))
+        # The consumer running it (on any host) ends its processes now; its
+        # housekeeper would notice the record within a lease period anyway.
+        self.store.redis.publish(self.store.keys.control, f"cancel {task_id}")
+        return cancelled
 
     def tasks(self, agent: str | None = None, state: State | str | None = None) -> list[TaskRecord]:
         if agent is not None:

@@ -1,14 +1,16 @@
 """The thin consumer: what a Celery worker does with one message of an
-agent's queue. It does no agent work itself: it claims the task, makes sure
-the agent's container is up, forwards the job into it, records the masked
-output and the outcome, handles credential failures (alert, circuit
-breaker), and republishes the task when the outcome is a retry."""
+agent's queue. It does no agent work itself: it claims the task under a
+lease, makes sure the agent's container is up, forwards the job into it,
+records the masked output and the outcome (fenced by the attempt), handles
+credential failures (alert, circuit breaker), and republishes the task when
+the outcome is a retry."""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +23,13 @@ from fleet.alerts import CREDENTIAL_FAILURE, Alerts
 from fleet.breaker import Breaker
 from fleet.container.manager import ContainerManager
 from fleet.dispatch import TASK_NAME
-from fleet.errors import EngineError, FleetError, StaleTransition, TaskNotFound
+from fleet.engine import engine_errors
+from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
 from fleet.forward import ExitStatus, Forwarder, Job
 from fleet.outcome import Outcome, classify, retry_or_fail
 from fleet.output import OutputRecorder
-from fleet.record import ErrorKind, State, TaskRecord, now_iso
+from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
+from fleet.running import HANDBACK, TIMEOUT, RunningTask, RunningTasks
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.store import TaskStore
 from fleet.tokens import TokenStore
@@ -50,15 +54,31 @@ class Credentials:
     is_paused: Callable[[], bool]
 
 
+@dataclass
+class Attempt:
+    """What one run of a task left: its exit status, why fleet ended it (if
+    it did), whether the container died under it, and its output."""
+
+    record: TaskRecord
+    status: ExitStatus
+    running: RunningTask
+    output: OutputRecorder
+    container_died: bool
+    tokens_seen: dict[str, str]
+
+
 class TaskRunner:
     def __init__(self, settings: FleetSettings, store: TaskStore, containers: ContainerManager,
-                 forwarder: Forwarder, republish: Republish, credentials: Credentials) -> None:
+                 forwarder: Forwarder, running: RunningTasks, republish: Republish,
+                 credentials: Credentials, owner: str) -> None:
         self.settings = settings
         self.store = store
         self.containers = containers
         self.forwarder = forwarder
+        self.running = running
         self.republish = republish
         self.credentials = credentials
+        self.owner = owner
         self.rng = random.Random()
 
     def run(self, task_id: str, attempt: int | None = None) -> None:
@@ -70,55 +90,79 @@ class TaskRunner:
         if record.state.final:
             log.info("task %s is already %s; not running it again", task_id, record.state)
             return
-        if attempt is not None and record.attempts >= attempt:
-            log.info("task %s: attempt %d already started; dropping a stale message", task_id, attempt)
-            return
         if self.credentials.is_paused():
             raise AgentPaused(f"agent {record.agent} is paused")
         spec = self.settings.agent(record.agent)
         try:
             with self.containers.use(record.agent) as container:
-                started = self.start_attempt(task_id, container)
-                if started is None:
-                    return
-                record = started
-                seen = self.credentials.tokens.fingerprints(record.agent)
-                output = OutputRecorder(self.store, task_id, self.settings.log_limit,
-                                        self.credentials.tokens.values(record.agent))
                 try:
-                    status = self.forwarder.run(container, self.job(record, spec), output.write)
-                finally:
-                    output.close()
+                    record = self.store.claim(
+                        task_id, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
+                        host=self.settings.host, container=container.short_id)
+                except (StaleTransition, LeaseHeld) as refused:
+                    log.info("not running task %s: %s", task_id, refused)
+                    return
+                done = self.attempt(record, spec, container)
         except EngineError as error:
             self.engine_failed(task_id, error, spec)
             return
-        outcome = classify(status, agent=record.agent, attempt=record.attempts, spec=spec,
-                           last_stdout_line=output.last_line("stdout"),
-                           last_stderr_line=output.last_line("stderr"), rng=self.rng)
-        if outcome.error is not None and outcome.error.kind == ErrorKind.CREDENTIAL:
-            outcome = self.credential_failed(record, outcome, seen, spec)
-        elif outcome.state == State.SUCCEEDED:
-            self.credentials.breaker.succeeded(record.agent)
-        self.finish(record, outcome, status)
+        self.record_outcome(done, spec)
 
-    def start_attempt(self, task_id: str, container: Container) -> TaskRecord | None:
+    def attempt(self, record: TaskRecord, spec: AgentSpec, container: Container) -> Attempt:
+        job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
+                  payload=json.dumps(self.store.payload(record.id)).encode(),
+                  command=list(spec.command), user=str(self.settings.agent_uid))
+        # A previous attempt may still run here if its consumer died: end it
+        # first, so two runs of one task never overlap.
+        if record.attempts > 1 and (ended := self.forwarder.kill(container, job,
+                                                                 self.settings.kill_grace_s)):
+            self.store.add_event(record.id, "previous_attempt_ended", processes=str(ended))
+        tokens_seen = self.credentials.tokens.fingerprints(record.agent)
+        output = OutputRecorder(self.store, record.id, self.settings.log_limit,
+                                self.credentials.tokens.values(record.agent))
+        running = self.running.add(job, container)
+        timer = threading.Timer(spec.timeout_s, self.running.end, (record.id, TIMEOUT))
+        timer.daemon = True
+        timer.start()
         try:
-            return self.store.transition(
-                task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
-                host=self.settings.host, container=container.short_id, started_at=now_iso(),
-                error=None, exit_code=None,
-            )
-        except StaleTransition as error:  # cancelled or finished meanwhile
-            log.info("not running task %s: %s", task_id, error)
-            return None
+            status = self.forwarder.run(container, job, output.write)
+        finally:
+            timer.cancel()
+            output.close()
+            self.running.remove(record.id)
+        with engine_errors(f"inspecting container {container.name}"):
+            container.reload()
+        died = container.status != "running"
+        # Nothing the task started keeps running after it.
+        if not died and (leftovers := self.forwarder.kill(container, job, 0)):
+            self.store.add_event(record.id, "leftover_processes_killed", processes=str(leftovers))
+        return Attempt(record, status, running, output, died, tokens_seen)
 
-    def job(self, record: TaskRecord, spec: AgentSpec) -> Job:
-        return Job(
-            task_id=record.id, agent=record.agent, attempt=record.attempts,
-            payload=json.dumps(self.store.payload(record.id)).encode(),
-            command=list(spec.command), user=str(self.settings.agent_uid),
-            timeout_s=spec.timeout_s,
-        )
+    def record_outcome(self, done: Attempt, spec: AgentSpec) -> None:
+        record, reason = done.record, done.running.reason
+        if reason == HANDBACK:
+            error = TaskError(kind=ErrorKind.LOST, message="handed back at worker shutdown")
+            outcome = Outcome(State.RETRYING, error=error, retry_in=0.0)
+        elif reason is not None and reason != TIMEOUT:
+            # Cancelled (already recorded) or taken over (our writes are fenced off).
+            log.info("task %s attempt %d ended: %s", record.id, record.attempts, reason)
+            self.store.add_event(record.id, "attempt_ended", reason=reason,
+                                 attempt=str(record.attempts))
+            return
+        elif done.container_died:
+            outcome = retry_or_fail(ErrorKind.CRASH, f"the container died under attempt "
+                                    f"{record.attempts} (exit status {done.status.code})",
+                                    attempt=record.attempts, spec=spec, rng=self.rng)
+        else:
+            status = ExitStatus(done.status.code, timed_out=reason == TIMEOUT)
+            outcome = classify(status, agent=record.agent, attempt=record.attempts, spec=spec,
+                               last_stdout_line=done.output.last_line("stdout"),
+                               last_stderr_line=done.output.last_line("stderr"), rng=self.rng)
+            if outcome.error is not None and outcome.error.kind == ErrorKind.CREDENTIAL:
+                outcome = self.credential_failed(record, outcome, done.tokens_seen, spec)
+            elif outcome.state == State.SUCCEEDED:
+                self.credentials.breaker.succeeded(record.agent)
+        self.finish(record, outcome, done.status)
 
     def credential_failed(self, record: TaskRecord, outcome: Outcome, seen: dict[str, str],
                           spec: AgentSpec) -> Outcome:
@@ -142,12 +186,17 @@ class TaskRunner:
         """The container could not be made or the job not forwarded: an
         attempt that crashed, retried like a transient failure."""
         record = self.store.get(task_id)
-        attempt = record.attempts if record.state == State.RUNNING else record.attempts + 1
+        if record.state.final:
+            return
+        started = record.state == State.RUNNING
+        attempt = record.attempts if started else record.attempts + 1
         outcome = retry_or_fail(ErrorKind.CRASH, str(error), attempt=attempt, spec=spec, rng=self.rng)
         log.warning("task %s attempt %d crashed: %s", task_id, attempt, error)
-        self.finish(record.model_copy(update={"attempts": attempt}), outcome, None)
+        self.finish(record.model_copy(update={"attempts": attempt}), outcome, None,
+                    epoch=record.attempts)
 
-    def finish(self, record: TaskRecord, outcome: Outcome, status: ExitStatus | None) -> None:
+    def finish(self, record: TaskRecord, outcome: Outcome, status: ExitStatus | None,
+               epoch: int | None = None) -> None:
         fields: dict[str, Any] = {
             "exit_code": None if status is None else status.code,
             "error": outcome.error,
@@ -155,10 +204,13 @@ class TaskRunner:
         }
         if outcome.state.final:
             fields.update(result=outcome.result, finished_at=now_iso())
+        elif outcome.retry_in is not None:
+            fields.update(retry_at=now_iso(later_s=outcome.retry_in))
         try:
-            self.store.transition(record.id, outcome.state, **fields)
-        except StaleTransition as error:  # e.g. cancelled while it ran
-            log.info("outcome of task %s not recorded: %s", record.id, error)
+            self.store.transition(record.id, outcome.state, epoch=record.attempts if epoch is None
+                                  else epoch, **fields)
+        except StaleTransition as refused:  # cancelled while it ran, or taken over
+            log.info("outcome of task %s not recorded: %s", record.id, refused)
             return
         if outcome.state == State.RETRYING and outcome.retry_in is not None:
             self.store.add_event(record.id, "retry", delay=f"{outcome.retry_in:.3f}")

@@ -53,6 +53,11 @@ def make_celery(settings: FleetSettings) -> Celery:
         # One message reserved per slot: a busy consumer does not hoard tasks
         # another consumer of the same agent could run.
         worker_prefetch_multiplier=1,
+        # Keep running tasks through a broker reconnect: killing an hour-long
+        # agent run on a Redis blip is worse than a redelivered copy, which
+        # fleet's lease and attempt check make harmless.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_max_retries=None,  # retry the broker forever
         task_ignore_result=True,  # state lives in fleet's records, not a result backend
         task_serializer="json",
         accept_content=["json"],

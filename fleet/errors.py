@@ -46,6 +46,10 @@ class StaleTransition(FleetError):
     state) was refused."""
 
 
+class LeaseHeld(FleetError):
+    """The task is running elsewhere under a live lease."""
+
+
 class WaitTimeout(FleetError):
     def __init__(self, task_id: str, timeout: float) -> None:
         super().__init__(f"task {task_id} is not final after {timeout:g} s")

@@ -58,15 +58,18 @@ def has_image(client: docker.DockerClient, tag: str) -> bool:
     return True
 
 
-def registry_base(client: docker.DockerClient, report: Report) -> str | None:
-    """The registry base if it is here or can be pulled, else None."""
-    if has_image(client, REGISTRY_BASE):
-        return REGISTRY_BASE
+def local_base(client: docker.DockerClient) -> str | None:
+    """A base already here: the registry's, else one bootstrapped earlier."""
+    return next((tag for tag in (REGISTRY_BASE, BOOTSTRAP_BASE) if has_image(client, tag)), None)
+
+
+def pulled_base(client: docker.DockerClient, report: Report) -> str | None:
+    """The registry base if it can be pulled, else None."""
     report(f"pulling {REGISTRY_BASE}")
     try:
         client.images.pull(REGISTRY_BASE)
-    except docker.errors.APIError as error:
-        report(f"no registry answers ({str(error).splitlines()[0][:120]})")
+    except docker.errors.APIError:
+        report(f"no registry answers: pulling {REGISTRY_BASE} failed")
         return None
     return REGISTRY_BASE
 
@@ -114,7 +117,8 @@ def build_image(
     if not force and image_is_current(client, tag):
         report(f"image {tag} is up to date")
         return False
-    base = base or registry_base(client, report) or bootstrap_base(client, report, mirror)
+    base = (base or local_base(client) or pulled_base(client, report)
+            or bootstrap_base(client, report, mirror))
     report(f"building {tag} on {base}")
     try:
         client.images.build(

@@ -5,6 +5,7 @@
     {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
+    {ns}:lease:{id}             string "<owner>|<attempt>" while an attempt runs; expires unless renewed
     {ns}:alerts                 stream credential failures, breaker openings and closings, capped
     {ns}:agent:{agent}:paused   hash   the agent's circuit breaker is open: reason, token, since
     {ns}:agent:{agent}:credential-failures  string  consecutive credential failures
@@ -35,6 +36,9 @@ class Keys:
 
     def by_state(self, state: str) -> str:
         return f"{self.namespace}:index:state:{state}"
+
+    def lease(self, task_id: str) -> str:
+        return f"{self.namespace}:lease:{task_id}"
 
     def idempotency(self, key: str) -> str:
         return f"{self.namespace}:idem:{hashlib.sha256(key.encode()).hexdigest()}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -53,8 +53,9 @@ class TaskRecord(BaseModel):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    retry_at: str | None = None  # when a `retrying` task is due to run again
     key: str | None = None
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def now_iso(later_s: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=later_s)).isoformat(timespec="milliseconds")

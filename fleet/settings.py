@@ -130,6 +130,9 @@ class FleetSettings(BaseSettings):
     log_limit: PositiveInt = 8 * 1024 * 1024
     retention_s: PositiveInt = 7 * 24 * 3600
     alert_command: list[str] = Field(default_factory=list)  # run with each alert as JSON on stdin
+    lease_ttl_s: float = Field(15.0, ge=3)  # a running attempt's lease; renewed every third of it
+    kill_grace_s: float = Field(5.0, ge=0)  # SIGTERM → SIGKILL when fleet ends a task
+    shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM to a worker: running tasks may finish this long
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @classmethod

@@ -16,18 +16,37 @@ from typing import Any
 import redis
 from redis.client import Pipeline
 
-from fleet.errors import StaleTransition, StateStoreError, TaskNotFound
+from fleet.errors import LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.keys import Keys
-from fleet.record import FINAL_STATES, State, TaskError, TaskRecord, now_iso
+from fleet.record import FINAL_STATES, ErrorKind, State, TaskError, TaskRecord, now_iso
 
 EVENTS_MAXLEN = 20_000
+
+# Renew a lease only if it is still ours; take it back if it vanished (a
+# Redis restart that outlived its TTL) while the record still shows our
+# attempt running. KEYS: lease, task; ARGV: owner|attempt, ms, attempt.
+RENEW_LEASE = """
+local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if held then return 0 end
+if redis.call('hget', KEYS[2], 'state') == '"running"'
+   and redis.call('hget', KEYS[2], 'attempts') == ARGV[3] then
+  redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+RELEASE_LEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 RECORD_FIELDS = tuple(TaskRecord.model_fields)
 
 # Which state each state may move to; anything else is refused.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
     State.RUNNING: frozenset({State.SUCCEEDED, State.FAILED, State.RETRYING, State.CANCELLED}),
-    State.RETRYING: frozenset({State.RUNNING, State.CANCELLED, State.FAILED}),
+    State.RETRYING: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
     State.SUCCEEDED: frozenset(),
     State.FAILED: frozenset(),
     State.CANCELLED: frozenset(),
@@ -57,6 +76,8 @@ class TaskStore:
         self.redis = client
         self.keys = Keys(namespace)
         self.retention_s = retention_s
+        self._renew = client.register_script(RENEW_LEASE)
+        self._release = client.register_script(RELEASE_LEASE)
 
     # -- reading -------------------------------------------------------------
 
@@ -76,10 +97,10 @@ class TaskStore:
     def list_tasks(self, agent: str | None = None, state: State | None = None,
                    limit: int = 1000) -> list[TaskRecord]:
         """Newest first. Index entries whose record has expired are pruned."""
-        if agent is not None:
-            index = self.keys.by_agent(agent)
-        elif state is not None:
+        if state is not None:
             index = self.keys.by_state(state)
+        elif agent is not None:
+            index = self.keys.by_agent(agent)
         else:
             index = None
         ids = self._all_ids(limit) if index is None else self._call(
@@ -185,12 +206,16 @@ class TaskStore:
 
     def transition(self, task_id: str, to: State, *,
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
+                   epoch: int | None = None, lease: tuple[str, int] | None = None,
                    **fields: Any) -> TaskRecord:
         """Move a task to `to`, checking the move is allowed, and set fields.
 
         `update` computes fields from the current record inside the
-        transaction (e.g. attempts + 1). Raises StaleTransition if the task's
-        current state may not move to `to`."""
+        transaction (e.g. attempts + 1). `epoch` fences the write: it is
+        refused unless the task is still on that attempt, so a consumer that
+        lost its lease (a partition, a pause) cannot overwrite the attempt
+        that took over. `lease` (owner, ms) sets the attempt's lease in the
+        same transaction. Raises StaleTransition if refused."""
         key = self.keys.task(task_id)
         result: list[TaskRecord] = []
 
@@ -201,10 +226,15 @@ class TaskStore:
             current = decode_record(raw)
             if to not in TRANSITIONS[current.state]:
                 raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
+            if epoch is not None and current.attempts != epoch:
+                raise StaleTransition(f"task {task_id} is on attempt {current.attempts}; "
+                                      f"a write of attempt {epoch} is stale")
             changes = {**fields, **(update(current) if update else {}), "state": to}
             record = current.model_copy(update=changes)
             now = time.time()
             pipe.multi()
+            if lease is not None:
+                pipe.set(self.keys.lease(task_id), f"{lease[0]}|{record.attempts}", px=lease[1])
             pipe.hset(key, mapping=encode_record(record))
             pipe.zrem(self.keys.by_state(current.state), task_id)
             pipe.zadd(self.keys.by_state(to), {task_id: now})
@@ -213,12 +243,79 @@ class TaskStore:
             if record.error is not None and to != State.SUCCEEDED:
                 event["error"] = record.error.kind
             pipe.xadd(self.keys.events(task_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
+            if to != State.RUNNING:  # the attempt is over: so is its lease
+                pipe.delete(self.keys.lease(task_id))
             if to in FINAL_STATES:
                 self._expire_finished(pipe, record, now)
             result.append(record)
 
         self._call(self.redis.transaction, apply, key)
         return result[-1]
+
+    # -- leases ----------------------------------------------------------------
+
+    def claim(self, task_id: str, attempt: int | None, owner: str, ttl_ms: int,
+              **fields: Any) -> TaskRecord:
+        """Start the next attempt of a task, under a lease.
+
+        Refused (StaleTransition) if the task is final, or if this message's
+        attempt has already started (a duplicate or a redelivery). A task
+        still `running` under a live lease is left alone (LeaseHeld); one
+        whose lease expired was lost and is taken over: that attempt is
+        recorded `lost` and the next one starts here."""
+        record = self.get(task_id)
+        if record.state == State.RUNNING:
+            if self.lease_owner(task_id) is not None:
+                raise LeaseHeld(f"task {task_id} attempt {record.attempts} runs under a live lease")
+            if self.reclaim(task_id) is None:
+                raise LeaseHeld(f"task {task_id} was taken over meanwhile")
+            attempt = None
+        elif attempt is not None and record.attempts >= attempt:
+            raise StaleTransition(f"task {task_id}: attempt {attempt} has already started")
+        return self.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
+                               epoch=record.attempts if attempt is None else attempt - 1,
+                               lease=(owner, ttl_ms), error=None, exit_code=None, retry_at=None,
+                               started_at=now_iso(), **fields)
+
+    def reclaim(self, task_id: str) -> TaskRecord | None:
+        """A running task whose lease expired: record the attempt `lost` and
+        make it due again now. None if it is not (or no longer) lost."""
+        key, lease_key = self.keys.task(task_id), self.keys.lease(task_id)
+        result: list[TaskRecord] = []
+
+        def apply(pipe: Pipeline) -> None:
+            raw: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
+            if not raw or pipe.exists(lease_key):
+                return
+            current = decode_record(raw)
+            if current.state != State.RUNNING:
+                return
+            error = TaskError(kind=ErrorKind.LOST, message=(
+                f"attempt {current.attempts} on {current.host} was lost: its lease expired"))
+            record = current.model_copy(update={"state": State.RETRYING, "error": error,
+                                                "retry_at": now_iso()})
+            pipe.multi()
+            pipe.hset(key, mapping=encode_record(record))
+            pipe.zrem(self.keys.by_state(State.RUNNING), task_id)
+            pipe.zadd(self.keys.by_state(State.RETRYING), {task_id: time.time()})
+            entry: dict[Any, Any] = {"type": "state", "state": str(State.RETRYING),
+                                     "attempt": str(record.attempts), "error": ErrorKind.LOST}
+            pipe.xadd(self.keys.events(task_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
+            result.append(record)
+
+        self._call(self.redis.transaction, apply, key, lease_key)
+        return result[-1] if result else None
+
+    def lease_owner(self, task_id: str) -> str | None:
+        value = self._call(self.redis.get, self.keys.lease(task_id))
+        return None if value is None else str(value)
+
+    def renew_lease(self, task_id: str, owner: str, attempt: int, ttl_ms: int) -> bool:
+        return bool(self._call(self._renew, [self.keys.lease(task_id), self.keys.task(task_id)],
+                               [f"{owner}|{attempt}", ttl_ms, str(attempt)]))
+
+    def release_lease(self, task_id: str, owner: str, attempt: int) -> None:
+        self._call(self._release, [self.keys.lease(task_id)], [f"{owner}|{attempt}"])
 
     def _expire_finished(self, pipe: Pipeline, record: TaskRecord, now: float) -> None:
         for key in (self.keys.task(record.id), self.keys.events(record.id)):

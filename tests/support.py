@@ -45,10 +45,10 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
 
-def start_redis(directory: Path, *extra: str) -> RedisServer:
-    """A redis-server on a free port; returns once it accepts connections
-    (it says so on its stdout)."""
-    port = free_port()
+def start_redis(directory: Path, *extra: str, port: int | None = None) -> RedisServer:
+    """A redis-server on a free port (or `port`); returns once it accepts
+    connections (it says so on its stdout)."""
+    port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
@@ -187,3 +187,67 @@ def wait_for_state(client: Any, task_id: str, state: Any, timeout: float = 60) -
             if event.type == "state" and event.fields.get("state") == state:
                 return client.status(task_id)
     raise AssertionError(f"task {task_id} never became {state}: {client.status(task_id)}")
+
+
+COUNT_TASK_PROCESSES = r"""
+import os, sys
+mark = ("FLEET_TASK_ID=" + sys.argv[1]).encode()
+count = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            count += mark in f.read().split(b"\0")
+    except OSError:
+        pass
+print(count)
+"""
+
+
+def task_processes(container: Any, task_id: str) -> int:
+    """How many processes of a task are alive in the container."""
+    done = container.exec_run(["python3", "-c", COUNT_TASK_PROCESSES, task_id], user="10001")
+    return int(done.output.decode().strip())
+
+
+@dataclass
+class Run:
+    task: str
+    attempt: int
+    start: float
+    end: float | None = None
+    how: str = ""
+
+
+def read_runs(container: Any, name: str) -> list[Run]:
+    """The start/end/killed lines fleet-agent's `record` step wrote in /state."""
+    text = container.exec_run(["cat", f"/state/{name}"]).output.decode()
+    runs: dict[tuple[str, int], Run] = {}
+    for line in text.splitlines():
+        what, task, attempt, when = line.split()
+        key = (task, int(attempt))
+        if what == "start":
+            runs[key] = Run(task, int(attempt), float(when))
+        else:
+            runs[key].end, runs[key].how = float(when), what
+    return list(runs.values())
+
+
+def overlapping(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """Pairs of runs of one task that overlap in time (a run never ended counts as still going)."""
+    by_task: dict[str, list[Run]] = {}
+    for run in runs:
+        by_task.setdefault(run.task, []).append(run)
+    pairs = []
+    for task_runs in by_task.values():
+        task_runs.sort(key=lambda r: r.start)
+        for before, after in itertools.pairwise(task_runs):
+            if before.end is None or before.end > after.start:
+                pairs.append((before, after))
+    return pairs
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found

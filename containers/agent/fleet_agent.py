@@ -15,13 +15,14 @@ this order:
                         empty token or an HTTP 401/403 exits 77
   exit        CODE      exit with CODE ... while FLEET_ATTEMPT < fail_until_attempt
                         (if given), else succeed
-  (record)              append "end ..." to /state/<name>
+  (record)              append "end ..." to /state/<name>; "killed ..." if SIGTERM ends it
 
 On success the last stdout line is the result, a JSON object.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,12 @@ def main() -> int:
         print("payload must be a JSON object", file=sys.stderr)
         return 2
     attempt = int(os.environ.get("FLEET_ATTEMPT", "1"))
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        record(payload.get("record"), "killed")
+        os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     result: dict[str, object] = {
         "agent": os.environ.get("FLEET_AGENT"),
         "task": os.environ.get("FLEET_TASK_ID"),

@@ -8,7 +8,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import docker
 import docker.errors
@@ -50,8 +50,11 @@ class ContainerManager:
                 if reason is None and container is not None:
                     break
                 if self._in_use[agent] == 0:
-                    container = self.recreate(spec, container, reason or "missing")
-                    break
+                    made = self.recreate(spec, container, reason or "missing")
+                    if made is not None:
+                        container = made
+                        break
+                    continue  # another process made it meanwhile: look again
                 self._changed.wait()
             self._in_use[agent] += 1
         try:
@@ -72,6 +75,9 @@ class ContainerManager:
                 container = self.client.containers.get(spec.name)
             except docker.errors.NotFound:
                 return None, "missing"
+            if container.status == "created":  # another process made it and is starting it
+                container.start()
+                container.reload()
             if container.status != "running":
                 return container, f"container is {container.status}"
             if container.labels.get(LABEL_SPEC_HASH) != spec.hash:
@@ -86,16 +92,25 @@ class ContainerManager:
         except docker.errors.ImageNotFound:
             raise EngineError(f"image {tag} is missing: run `fleet image build`") from None
 
-    def recreate(self, spec: ContainerSpec, old: Container | None, reason: str) -> Container:
+    def recreate(self, spec: ContainerSpec, old: Container | None, reason: str) -> Container | None:
+        """Replace `old` (if any) with a container made from `spec`. None if
+        another process (a second consumer of the agent on this host) got
+        there first: the caller looks again."""
         log.info("creating container %s (%s)", spec.name, reason)
         TokenStore(self.settings).prepare(spec.labels[LABEL_AGENT])
         with engine_errors(f"creating container {spec.name}"):
             if old is not None:
-                old.remove(force=True)
+                with suppress(docker.errors.NotFound):
+                    old.remove(force=True)
             self.ensure_volume(spec)
             self.check_network(spec.network)
             self.image_id(spec.image)
-            container = self.client.containers.create(**spec.create_kwargs())
+            try:
+                container = self.client.containers.create(**spec.create_kwargs())
+            except docker.errors.APIError as error:
+                if error.status_code == 409:  # the name is taken: someone made it just now
+                    return None
+                raise
             container.start()
             container.reload()
         return container

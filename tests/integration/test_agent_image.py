@@ -24,7 +24,7 @@ def agent(make_fleet: MakeFleet, docker_client: docker.DockerClient):
     def run(payload: dict[str, object], command: list[str] | None = None) -> tuple[ExitStatus, str, str]:
         out: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         job = Job(task_id="t1", agent="dev", attempt=next(attempt), payload=json.dumps(payload).encode(),
-                  command=command or ["fleet-agent"], user="10001", timeout_s=60)
+                  command=command or ["fleet-agent"], user="10001")
         status = forwarder.run(container, job, lambda s, d: out[s].extend(d))
         return status, out["stdout"].decode(), out["stderr"].decode()
 

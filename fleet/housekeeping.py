@@ -1,0 +1,132 @@
+"""The housekeeper: one thread per consumer process that keeps its running
+tasks honest and notices what others left behind.
+
+On every notice of the control channel, and at least every third of the
+lease TTL, it:
+  - renews the leases of the tasks this process runs (a lease it cannot
+    renew was taken over: that run is ended, and its writes are fenced off);
+  - ends tasks that were cancelled (a notice makes this immediate; the
+    re-read catches a missed notice);
+  - re-reads the agent's paused flag;
+  - reaps: a `running` task of this agent whose lease expired was lost (its
+    consumer died); it is recorded `lost` and published again. A `retrying`
+    task long past its due time lost its delayed message with a dead
+    consumer; it is published again (a duplicate is dropped by the attempt
+    check);
+  - watches consumption: a process that is idle, not paused, while its
+    queue has messages has stopped consuming (celery#8030, #10205 after a
+    Redis reconnect) and exits, so `fleet worker` restarts it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import redis
+
+from fleet.errors import FleetError
+from fleet.pause import PauseControl
+from fleet.record import State
+from fleet.running import CANCELLED, LEASE_LOST, RunningTasks
+from fleet.store import TaskStore
+
+log = logging.getLogger(__name__)
+
+OVERDUE_RETRY_S = 60.0  # a retry this late lost its delayed message
+STUCK_AFTER_S = 60.0  # idle this long with a non-empty queue: not consuming
+EXIT_NOT_CONSUMING = 70
+
+Republish = Callable[[str, str, int, float], None]
+
+
+class Housekeeper:
+    def __init__(self, store: TaskStore, agent: str, owner: str, lease_ttl_s: float,
+                 running: RunningTasks, pause: PauseControl, republish: Republish,
+                 queue_depth: Callable[[], int]) -> None:
+        self.store = store
+        self.agent = agent
+        self.owner = owner
+        self.ttl_ms = int(lease_ttl_s * 1000)
+        self.interval = lease_ttl_s / 3
+        self.running = running
+        self.pause = pause
+        self.republish = republish
+        self.queue_depth = queue_depth
+        self.idle_since: float | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name=f"housekeeper-{self.agent}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self.store.keys.control)
+                next_tick = 0.0
+                while not self._stopped.is_set():
+                    message = pubsub.get_message(timeout=max(0.0, next_tick - time.monotonic()))
+                    if message is not None:
+                        self.notice(str(message["data"]))
+                    if time.monotonic() >= next_tick:
+                        self.tick()
+                        next_tick = time.monotonic() + self.interval
+            except (redis.RedisError, FleetError) as error:
+                log.warning("housekeeper for %s: %s; retrying", self.agent, error)
+                self._stopped.wait(self.interval)
+
+    def notice(self, data: str) -> None:
+        verb, _, subject = data.partition(" ")
+        if verb == "cancel":
+            self.running.end(subject, CANCELLED)
+        elif subject == self.agent:
+            self.pause.is_paused()
+
+    def tick(self) -> None:
+        self.keep_leases()
+        paused = self.pause.is_paused()
+        self.reap()
+        self.watch_consumption(paused)
+
+    def keep_leases(self) -> None:
+        for task in self.running.all():
+            job = task.job
+            if not self.store.renew_lease(job.task_id, self.owner, job.attempt, self.ttl_ms):
+                log.error("task %s: lease of attempt %d lost; ending this run", job.task_id,
+                          job.attempt)
+                self.running.end(job.task_id, LEASE_LOST, grace_s=0)
+            elif self.store.get(job.task_id).state == State.CANCELLED:
+                self.running.end(job.task_id, CANCELLED)
+
+    def reap(self) -> None:
+        for record in self.store.list_tasks(agent=self.agent, state=State.RUNNING):
+            if self.store.lease_owner(record.id) is None and self.store.reclaim(record.id):
+                log.warning("task %s: attempt %d was lost (lease expired); publishing it again",
+                            record.id, record.attempts)
+                self.republish(record.id, self.agent, record.attempts + 1, 0.0)
+        now = time.time()
+        for record in self.store.list_tasks(agent=self.agent, state=State.RETRYING):
+            due = datetime.fromisoformat(record.retry_at).timestamp() if record.retry_at else now
+            if now - due > OVERDUE_RETRY_S:
+                log.warning("task %s: retry overdue by %.0f s; publishing it again", record.id,
+                            now - due)
+                self.republish(record.id, self.agent, record.attempts + 1, 0.0)
+                self.store.transition(record.id, State.RETRYING, epoch=record.attempts,
+                                      retry_at=datetime.fromtimestamp(now, UTC).isoformat())
+
+    def watch_consumption(self, paused: bool) -> None:
+        if paused or len(self.running) or self.queue_depth() == 0:
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or time.monotonic()
+        if time.monotonic() - self.idle_since > STUCK_AFTER_S:
+            log.error("agent %s: idle for %.0f s while its queue has tasks: this consumer stopped "
+                      "consuming; exiting so that fleet worker restarts it", self.agent, STUCK_AFTER_S)
+            os._exit(EXIT_NOT_CONSUMING)

@@ -1,0 +1,82 @@
+"""The tasks one consumer process is running, and ending them.
+
+Fleet ends a running task for a reason — its timeout, a cancel, a hand-back
+at shutdown, a lost lease — by killing its processes inside the container;
+the consumer then reads the reason to record the right outcome."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from docker.models.containers import Container
+
+from fleet.errors import FleetError
+from fleet.forward import Forwarder, Job
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = "timeout"
+CANCELLED = "cancelled"
+HANDBACK = "handback"
+LEASE_LOST = "lease-lost"
+
+
+@dataclass
+class RunningTask:
+    job: Job
+    container: Container
+    reason: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def mark(self, reason: str) -> bool:
+        """Record why fleet ends it; the first reason wins."""
+        with self._lock:
+            if self.reason is not None:
+                return False
+            self.reason = reason
+            return True
+
+
+class RunningTasks:
+    def __init__(self, forwarder: Forwarder, kill_grace_s: float) -> None:
+        self.forwarder = forwarder
+        self.kill_grace_s = kill_grace_s
+        self._tasks: dict[str, RunningTask] = {}
+        self._lock = threading.Lock()
+
+    def add(self, job: Job, container: Container) -> RunningTask:
+        task = RunningTask(job, container)
+        with self._lock:
+            self._tasks[job.task_id] = task
+        return task
+
+    def remove(self, task_id: str) -> None:
+        with self._lock:
+            self._tasks.pop(task_id, None)
+
+    def all(self) -> list[RunningTask]:
+        with self._lock:
+            return list(self._tasks.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    def end(self, task_id: str, reason: str, grace_s: float | None = None) -> bool:
+        """End a running task in the background; False if it is not running here."""
+        with self._lock:
+            task = self._tasks.get(task_id)
+        if task is None or not task.mark(reason):
+            return False
+        grace = self.kill_grace_s if grace_s is None else grace_s
+        log.info("ending task %s (%s)", task_id, reason)
+        threading.Thread(target=self._kill, args=(task, grace), daemon=True).start()
+        return True
+
+    def _kill(self, task: RunningTask, grace_s: float) -> None:
+        try:
+            self.forwarder.kill(task.container, task.job, grace_s)
+        except FleetError as error:
+            log.error("could not end task %s: %s", task.job.task_id, error)
