@@ -313,6 +313,29 @@ def image_build(tag: str, force: bool, base: str | None) -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+@click.option("--image", "image_tag", is_flag=False, flag_value="fleet-agent:latest", default=None,
+              help="Also audit an image's filesystem and config (default fleet-agent:latest).")
+@pass_context
+def audit(ctx: Context, as_json: bool, image_tag: str | None) -> None:
+    """Check this host's fleet containers, token directories (and an image)
+    against the isolation policy; exit 1 on any failure."""
+    from fleet.audit import audit_host, audit_image
+    from fleet.engine import connect
+
+    client = connect()
+    findings = audit_host(ctx.settings, client)
+    if image_tag:
+        findings += audit_image(client, image_tag)
+    for finding in findings:
+        click.echo(json.dumps(finding.as_dict()) if as_json else finding.line())
+    if not findings:
+        click.echo("no fleet containers on this host yet: start `fleet worker`")
+    if not all(f.ok for f in findings):
+        sys.exit(1)
+
+
+@cli.command()
 @pass_context
 def doctor(ctx: Context) -> None:
     """Check the Docker engine, Redis, the image and the secrets directory."""

@@ -133,8 +133,10 @@ class TaskRunner:
         with engine_errors(f"inspecting container {container.name}"):
             container.reload()
         died = container.status != "running"
-        # Nothing the task started keeps running after it.
-        if not died and (leftovers := self.forwarder.kill(container, job, 0)):
+        # Nothing the task started keeps running after it, nor any orphan.
+        live = [task.job.task_id for task in self.running.all()]
+        leftovers = status.leftovers + (0 if died else self.forwarder.kill(container, job, 0, sweep=live))
+        if leftovers:
             self.store.add_event(record.id, "leftover_processes_killed", processes=str(leftovers))
         return Attempt(record, status, running, output, died, tokens_seen)
 

@@ -29,12 +29,13 @@ BOOTSTRAP_BASE = "fleet-base:bookworm"
 DEBIAN_SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 CONTEXT_LABEL = "fleet.context-hash"
+RECIPE = "2"  # bump when build_image changes what it puts in the image (e.g. its labels)
 
 Report = Callable[[str], None]
 
 
 def context_hash(context: Path = CONTEXT_DIR) -> str:
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"recipe {RECIPE}\0".encode())
     for path in sorted(p for p in context.rglob("*") if p.is_file()):
         digest.update(path.relative_to(context).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
@@ -125,7 +126,9 @@ def build_image(
             path=str(CONTEXT_DIR),
             tag=tag,
             buildargs={"BASE": base},
-            labels={CONTEXT_LABEL: context_hash(), "fleet.base": base},
+            # The exact base it was built on, so an audit can tell it is pinned.
+            labels={CONTEXT_LABEL: context_hash(), "fleet.base": base,
+                    "fleet.base-id": str(client.images.get(base).id)},
             rm=True,
             forcerm=True,
         )

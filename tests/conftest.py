@@ -5,8 +5,6 @@ fleet.namespace with this run's prefix; it is removed at the end."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +15,10 @@ from support import (
     Fleet,
     MakeFleet,
     RedisServer,
-    new_namespace,
+    build_fleet,
     remove_run_resources,
     start_redis,
-    write_config,
 )
-
-from fleet.container.spec import LABEL_NAMESPACE
 
 
 @pytest.fixture(scope="session")
@@ -41,35 +36,28 @@ def docker_client() -> Iterator[docker.DockerClient]:
     yield client
     remove_run_resources(client)
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def make_fleet(redis_server: RedisServer, docker_client: docker.DockerClient,
-               tmp_path: Path) -> Iterator[MakeFleet]:
+def make_fleet(request: pytest.FixtureRequest, redis_server: RedisServer,
+               docker_client: docker.DockerClient, tmp_path: Path) -> Iterator[MakeFleet]:
     """Factory: a fleet with its own namespace, secrets dir and config file."""
     made: list[Fleet] = []
 
     def make(agents: dict[str, dict[str, Any]], **top: Any) -> Fleet:
-        namespace = new_namespace()
-        secrets = tmp_path / f"secrets-{namespace}"
-        raw = {"redis_url": redis_server.url, "namespace": namespace,
-               "secrets_dir": str(secrets), "host_id": "testhost", **top, "agents": agents}
-        config = tmp_path / f"fleet-{namespace}.toml"
-        write_config(config, raw)
-        from fleet.settings import load_settings
-
-        os.environ["FLEET_CONFIG"] = str(config)
-        try:
-            settings = load_settings()
-        finally:
-            del os.environ["FLEET_CONFIG"]
-        fleet = Fleet(settings, config)
+        fleet = build_fleet(redis_server.url, tmp_path, agents, **top)
         made.append(fleet)
         return fleet
 
     yield make
+    failed = getattr(getattr(request.node, "report_call", None), "failed", False)
     for fleet in made:
-        for worker in fleet.workers:
-            worker.stop()
-        for container in docker_client.containers.list(
-                all=True, filters={"label": f"{LABEL_NAMESPACE}={fleet.settings.namespace}"}):
-            container.remove(force=True)
-        shutil.rmtree(fleet.settings.secrets_dir, ignore_errors=True)
+        if failed:  # the workers' own account, for whoever reads the failure
+            for n, worker in enumerate(fleet.workers):
+                print(f"--- worker {n} of {fleet.settings.namespace} ---\n{''.join(worker.lines[-200:])}")
+        fleet.tear_down(docker_client)

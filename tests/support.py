@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,13 +104,21 @@ class Fleet:
         return subprocess.run([FLEET, *args], env=self.env, input=input, capture_output=True,
                               text=True, timeout=timeout, check=False)
 
-    def start_worker(self, *agents: str) -> Worker:
+    def start_worker(self, *agents: str, env: dict[str, str] | None = None) -> Worker:
         args = [a for agent in agents for a in ("--agent", agent)]
-        worker = Worker(subprocess.Popen([FLEET, "worker", *args], env=self.env,
+        worker = Worker(subprocess.Popen([FLEET, "worker", *args], env={**self.env, **(env or {})},
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                          text=True, start_new_session=True))
         self.workers.append(worker)
         return worker
+
+    def tear_down(self, docker_client: docker.DockerClient) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for container in docker_client.containers.list(
+                all=True, filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"}):
+            container.remove(force=True)
+        shutil.rmtree(self.settings.secrets_dir, ignore_errors=True)
 
     def client(self) -> Any:
         from fleet.client import FleetClient
@@ -172,6 +181,26 @@ def toml_value(value: Any) -> str:
 
 
 MakeFleet = Callable[..., Fleet]
+
+
+def build_fleet(default_redis_url: str, directory: Path, agents: dict[str, dict[str, Any]],
+                **top: Any) -> Fleet:
+    """A fleet with its own namespace, secrets dir and config file under
+    `directory`; `top` sets (or overrides) top-level settings."""
+    from fleet.settings import load_settings
+
+    namespace = new_namespace()
+    raw = {"redis_url": default_redis_url, "namespace": namespace,
+           "secrets_dir": str(directory / f"secrets-{namespace}"), "host_id": "testhost", **top,
+           "agents": agents}
+    config = directory / f"fleet-{namespace}.toml"
+    write_config(config, raw)
+    os.environ["FLEET_CONFIG"] = str(config)
+    try:
+        settings = load_settings()
+    finally:
+        del os.environ["FLEET_CONFIG"]
+    return Fleet(settings, config)
 
 
 
