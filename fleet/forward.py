@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from docker.models.containers import Container
@@ -28,71 +29,9 @@ PATH = "/usr/local/bin:/usr/bin:/bin"
 EXEC_POLL_S = 0.5
 OutputCallback = Callable[[str, bytes], None]
 
-# Run inside the container to end every process of one task. Each carries
-# FLEET_TASK_ID in its environment and runs in the session `setsid` gave the
-# task; a process that scrubbed its environment is still in that session.
-# With "sweep", orphans are ended too: processes re-parented to PID 1 (other
-# than the container's own command) that belong to no task still running —
-# a task's daemon that left both its session and its environment behind.
-# SIGTERM first, SIGKILL to whatever is left after the grace period; returns
-# once none is left. Prints how many processes it found.
-KILL_TASK_SCRIPT = r"""
-import json, os, signal, sys, time
-order = json.loads(sys.argv[1])
-grace = float(order["grace"])
-spare = [("FLEET_TASK_ID=" + t).encode() for t in order["spare"]]
-mark = ("FLEET_TASK_ID=" + order["task"]).encode()
-
-def stat(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[1]), int(fields[19])  # parent, start time
-
-def task_pids():
-    info, marks, ours, kept = {}, {}, set(), set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        pid = int(pid)
-        if pid in (1, os.getpid()):
-            continue
-        try:
-            parent, started = stat(pid)
-            info[pid] = (parent, started, os.getsid(pid))
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                marks[pid] = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        if mark in marks[pid]:
-            ours.add(info[pid][2])
-        if any(s in marks[pid] for s in spare):
-            kept.add(info[pid][2])
-    found = {pid for pid, (_, _, sid) in info.items() if sid in ours or mark in marks.get(pid, ())}
-    if order["sweep"]:
-        orphans = [pid for _, pid in sorted((s, p) for p, (parent, s, _) in info.items() if parent == 1)]
-        command = orphans[:1]  # the oldest child of PID 1 is the container's own command
-        strays = {pid for pid in orphans[1:] if info[pid][2] not in kept}
-        strays_sessions = {info[pid][2] for pid in strays} - kept - {info[p][2] for p in command}
-        found |= strays | {pid for pid, (_, _, sid) in info.items() if sid in strays_sessions}
-        found -= set(command)
-    return found
-
-def signal_all(pids, sig):
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-
-found = task_pids()
-print(len(found), flush=True)
-if found:
-    signal_all(found, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while (left := task_pids()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    while left := task_pids():
-        signal_all(left, signal.SIGKILL)
-        time.sleep(0.02)
-"""
+# Runs inside the container (with `kill`) to end a task's processes; the
+# same code is the channel's supervisor.
+AGENT_SIDE = (Path(__file__).parent / "channel" / "agent_side.py").read_text()
 
 
 @dataclass(frozen=True)
@@ -192,7 +131,7 @@ class ExecForwarder:
         order = {"task": job.task_id, "grace": grace_s, "sweep": sweep is not None,
                  "spare": sweep or []}
         with engine_errors(f"ending task {job.task_id} in {container.name}"):
-            done = container.exec_run(["python3", "-c", KILL_TASK_SCRIPT, json.dumps(order)],
+            done = container.exec_run(["python3", "-c", AGENT_SIDE, "kill", json.dumps(order)],
                                       user=job.user)
         output = done.output.decode() if isinstance(done.output, bytes) else ""
         try:

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -133,6 +133,9 @@ class FleetSettings(BaseSettings):
     lease_ttl_s: float = Field(15.0, ge=3)  # a running attempt's lease; renewed every third of it
     kill_grace_s: float = Field(5.0, ge=0)  # SIGTERM → SIGKILL when fleet ends a task
     shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM to a worker: running tasks may finish this long
+    # How jobs get into containers: "channel" (a supervisor per container on
+    # one long-lived exec session) or "exec" (one `docker exec` per task).
+    forwarding: Literal["channel", "exec"] = "channel"
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @classmethod

@@ -35,9 +35,10 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
 
     from fleet.alerts import Alerts
     from fleet.breaker import Breaker
+    from fleet.channel.forwarder import ChannelForwarder
     from fleet.consumer import Credentials, TaskRunner, register_consumer
     from fleet.dispatch import make_celery, publish
-    from fleet.forward import ExecForwarder
+    from fleet.forward import ExecForwarder, Forwarder
     from fleet.housekeeping import Housekeeper
     from fleet.pause import PauseControl, install
     from fleet.routing import queue_name
@@ -58,7 +59,8 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     breaker = Breaker(store.redis, store.keys, alerts)
     pause = PauseControl(breaker, agent, queue)
     install(app, pause)
-    forwarder = ExecForwarder()
+    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid))
+                            if settings.forwarding == "channel" else ExecForwarder())
     running = RunningTasks(forwarder, settings.kill_grace_s)
 
     def republish(task_id: str, task_agent: str, attempt: int, delay: float) -> None:

@@ -1,0 +1,173 @@
+"""The consumer's end of the channel: one long-lived exec session per
+container running the supervisor (`agent_side.py supervise`), carrying line-
+delimited JSON over the Docker API's attach stream (no socket on a bind
+mount, so it works the same on Docker Desktop). Many tasks share it.
+
+A channel that breaks — the supervisor was killed, the container died —
+fails the tasks it carried with EngineError (the consumer records a crash and
+retries them) and is reopened for the next task."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import logging
+import queue
+import socket
+import threading
+from typing import Any
+
+from docker.models.containers import Container
+from docker.utils.socket import STDERR, frames_iter
+
+from fleet.container.spec import HOME
+from fleet.engine import engine_errors
+from fleet.errors import EngineError
+from fleet.forward import AGENT_SIDE, ExitStatus, Job, OutputCallback
+
+log = logging.getLogger(__name__)
+
+KILL_REPLY_MARGIN_S = 30.0
+CLOSED = object()
+
+
+class Channel:
+    def __init__(self, container: Container, user: str) -> None:
+        assert container.client is not None
+        api = container.client.api
+        self.container_id = container.id
+        self.name = container.name
+        with engine_errors(f"starting the supervisor in {container.name}"):
+            exec_id = api.exec_create(container.id, ["python3", "-c", AGENT_SIDE, "supervise"],
+                                      stdin=True, stdout=True, stderr=True, user=user, workdir=HOME)
+            self.sock = api.exec_start(exec_id["Id"], socket=True)
+        self.raw: socket.socket = (self.sock._sock if hasattr(self.sock, "_sock")  # type: ignore[assignment]
+                                   else self.sock)
+        self.write_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.outputs: dict[str, OutputCallback] = {}
+        self.waiters: dict[str, queue.Queue[Any]] = {}
+        self.refs = itertools.count()
+        self.alive = True
+        self.ready: queue.Queue[Any] = queue.Queue()
+        threading.Thread(target=self._read, name=f"channel-{self.name}", daemon=True).start()
+        if self.ready.get(timeout=30) is CLOSED:
+            raise EngineError(f"the supervisor in {self.name} did not start")
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            with self.write_lock:
+                self.raw.sendall(data)
+        except OSError as error:
+            self.alive = False
+            raise EngineError(f"the channel into {self.name} is closed: {error}") from None
+
+    def run(self, job: Job, on_output: OutputCallback) -> ExitStatus:
+        done: queue.Queue[Any] = queue.Queue()
+        with self.lock:
+            if not self.alive:
+                raise EngineError(f"the channel into {self.name} is closed")
+            self.outputs[job.task_id] = on_output
+            self.waiters[job.task_id] = done
+        try:
+            self.send({"op": "run", "id": job.task_id, "argv": job.command, "env": job.environment,
+                       "cwd": HOME, "stdin": base64.b64encode(job.payload).decode()})
+            reply = done.get()
+        finally:
+            with self.lock:
+                self.outputs.pop(job.task_id, None)
+                self.waiters.pop(job.task_id, None)
+        if reply is CLOSED:
+            raise EngineError(f"the supervisor in {self.name} went away during task {job.task_id}")
+        return ExitStatus(code=int(reply["code"]), leftovers=int(reply.get("left", 0)))
+
+    def kill(self, job: Job, grace_s: float, sweep: list[str] | None) -> int:
+        ref = f"k{next(self.refs)}"
+        done: queue.Queue[Any] = queue.Queue()
+        with self.lock:
+            self.waiters[ref] = done
+        try:
+            self.send({"op": "kill", "id": job.task_id, "grace": grace_s, "ref": ref, "spare": sweep})
+            reply = done.get(timeout=grace_s + KILL_REPLY_MARGIN_S)
+        except queue.Empty:
+            raise EngineError(f"the supervisor in {self.name} did not answer a kill") from None
+        finally:
+            with self.lock:
+                self.waiters.pop(ref, None)
+        if reply is CLOSED:
+            raise EngineError(f"the supervisor in {self.name} went away")
+        return int(reply["n"])
+
+    def close(self) -> None:
+        self.alive = False
+        self.sock.close()
+
+    def _read(self) -> None:
+        pending = b""
+        try:
+            for stream, data in frames_iter(self.sock, tty=False):  # type: ignore[no-untyped-call]
+                if stream == STDERR:
+                    log.warning("supervisor in %s: %s", self.name, data.decode(errors="replace").strip())
+                    continue
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._dispatch(json.loads(line))
+        except (OSError, ValueError) as error:
+            log.warning("channel into %s: %s", self.name, error)
+        finally:
+            self.alive = False
+            self.ready.put(CLOSED)
+            with self.lock:
+                waiters = list(self.waiters.values())
+            for waiter in waiters:
+                waiter.put(CLOSED)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        if kind == "out":
+            with self.lock:
+                callback = self.outputs.get(message["id"])
+            if callback is not None:
+                callback(message["s"], base64.b64decode(message["d"]))
+        elif kind in ("exit", "killed"):
+            with self.lock:
+                waiter = self.waiters.get(message["id"] if kind == "exit" else message["ref"])
+            if waiter is not None:
+                waiter.put(message)
+        elif kind == "ready":
+            self.ready.put(message)
+
+
+class ChannelForwarder:
+    """The default forwarder: a channel per container, opened on first use
+    and reopened when it breaks."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.channels: dict[str, Channel] = {}
+        self.lock = threading.Lock()
+
+    def channel(self, container: Container) -> Channel:
+        with self.lock:
+            key = str(container.id)
+            current = self.channels.get(key)
+            if current is not None and current.alive:
+                return current
+            if current is not None:
+                current.close()
+            log.info("opening the channel into %s", container.name)
+            opened = Channel(container, self.user)
+            self.channels[key] = opened
+            return opened
+
+    def run(self, container: Container, job: Job, on_output: OutputCallback) -> ExitStatus:
+        return self.channel(container).run(job, on_output)
+
+    def kill(self, container: Container, job: Job, grace_s: float,
+             sweep: list[str] | None = None) -> int:
+        if sweep is not None and grace_s == 0:
+            return 0  # the supervisor already ended what the task left behind
+        return self.channel(container).kill(job, grace_s, sweep)
