@@ -15,3 +15,11 @@ app.conf.update(worker_prefetch_multiplier=1, task_acks_late=True, worker_hijack
 @app.task(name="bare.noop")
 def noop() -> str:
     return "ok"
+
+
+@app.task(name="bare.cat")
+def cat() -> str:
+    """The same trivial job fleet runs, as a host subprocess: no isolation."""
+    import subprocess
+
+    return subprocess.run(["cat"], input=b"{}", capture_output=True, check=True).stdout.decode()

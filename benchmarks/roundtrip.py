@@ -1,15 +1,18 @@
 """Round trip of a trivial task, in one run on one Redis:
 
-  bare celery     publish → no-op task → result (the floor)
-  fleet (exec)    fleet submit → `cat` (echoes the payload: the result) in the agent's
-                  container via docker exec → final record seen by the client
-  docker run      `docker run --rm fleet-agent:latest true` per task (a container per task)
+  (a) bare celery           publish → no-op task → result (the floor)
+  (b) bare celery + cat     the same job fleet runs (`cat`), as a host subprocess: no isolation
+  (c) fleet, exec           fleet submit → `cat` in the agent's container via one docker exec per task
+  (d) fleet, channel        the same through the persistent channel (the default)
+  (e) docker run            `docker run --rm fleet-agent:latest true` per task (a container per task)
 
-The job is trivial on purpose (`cat`, not the Python demo agent, whose own
-start-up would hide fleet's overhead).
+then the ratios, the cold start (first task for an agent with no container),
+the idle memory of an agent container, and throughput with 3 agents x 2 slots
+against bare Celery with 6 slots (not measured yet).
 
-Prints p50/p95 latency, tasks/s with N tasks in flight, and ratios to bare
-Celery. Usage: .venv/bin/python benchmarks/roundtrip.py [--tasks N]
+The job is trivial on purpose (`cat` echoes the payload, which becomes the
+result), so the figures are fleet's own overhead.
+Usage: .venv/bin/python benchmarks/roundtrip.py [--tasks N]
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def measure(name: str, one: Callable[[], None], batch: Callable[[int], None], n:
     return Figures(name, latencies, n / (time.perf_counter() - start))
 
 
-def bare_celery(redis_url: str, n: int, slots: int) -> Figures:
+def bare_celery(redis_url: str, n: int, slots: int, job: str = "noop") -> Figures:
     env = {**os.environ, "BENCH_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT / "benchmarks")}
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "bare_celery", "worker", "-P", "threads", "-c",
@@ -65,13 +68,15 @@ def bare_celery(redis_url: str, n: int, slots: int) -> Figures:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ["BENCH_REDIS_URL"] = redis_url
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bare_celery import noop
+    import bare_celery
 
+    task = getattr(bare_celery, job)
     try:
         return measure(
-            f"bare celery ({slots} slots)",
-            lambda: noop.delay().get(timeout=60),
-            lambda k: [r.get(timeout=120) for r in [noop.delay() for _ in range(k)]],
+            f"(a) bare celery, no-op ({slots} slots)" if job == "noop"
+            else f"(b) bare celery, cat as a host subprocess ({slots} slots)",
+            lambda: task.delay().get(timeout=60),
+            lambda k: [r.get(timeout=120) for r in [task.delay() for _ in range(k)]],
             n,
         )
     finally:
@@ -79,9 +84,9 @@ def bare_celery(redis_url: str, n: int, slots: int) -> Figures:
         worker.wait()
 
 
-def fleet_exec(redis_url: str, n: int, slots: int, scratch: Path) -> Figures:
-    config = scratch / "fleet.toml"
-    config.write_text(f'redis_url = "{redis_url}"\nnamespace = "bench"\n'
+def fleet_run(redis_url: str, n: int, slots: int, scratch: Path, forwarding: str) -> Figures:
+    config = scratch / f"fleet-{forwarding}.toml"
+    config.write_text(f'redis_url = "{redis_url}"\nnamespace = "bench"\nforwarding = "{forwarding}"\n'
                       f'secrets_dir = "{scratch / "secrets"}"\n'
                       f'[agents.bench]\nconcurrency = {slots}\ncommand = ["cat"]\n')
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
@@ -102,12 +107,50 @@ def fleet_exec(redis_url: str, n: int, slots: int, scratch: Path) -> Figures:
             client.wait(task_id, 300)
 
     try:
-        return measure(f"fleet, docker exec per task ({slots} slots)", one, batch, n)
+        label = "(c) fleet, docker exec per task" if forwarding == "exec" else "(d) fleet, channel"
+        return measure(f"{label} ({slots} slots)", one, batch, n)
     finally:
         worker.terminate()
         worker.wait()
         engine = docker.from_env()
         for container in engine.containers.list(all=True, filters={"label": "fleet.namespace=bench"}):
+            container.remove(force=True)
+
+
+def cold_start_and_idle_memory(redis_url: str, scratch: Path) -> tuple[list[float], float]:
+    """Round trips of the first task after the agent's container was removed
+    (container, supervisor and channel made on demand), and the memory of an
+    idle agent container (init + sleep + supervisor)."""
+    config = scratch / "fleet-cold.toml"
+    config.write_text(f'redis_url = "{redis_url}"\nnamespace = "benchcold"\n'
+                      f'secrets_dir = "{scratch / "secrets"}"\n[agents.cold]\ncommand = ["cat"]\n')
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+           "FLEET_CONFIG": str(config)}
+    os.environ["FLEET_CONFIG"] = str(config)
+    from fleet.client import FleetClient
+    from fleet.container.spec import build_spec
+
+    client = FleetClient.from_settings()
+    name = build_spec(client.settings, "cold").name
+    worker = subprocess.Popen([str(Path(sys.executable).with_name("fleet")), "worker"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    engine = docker.from_env()
+    try:
+        client.wait(client.submit("cold", {}), 60)
+        stats = engine.containers.get(name).stats(stream=False)["memory_stats"]
+        idle = (stats["usage"] - stats.get("stats", {}).get("cache", 0)) / 1024**2
+        cold = []
+        for _ in range(3):
+            engine.containers.get(name).remove(force=True)
+            start = time.perf_counter()
+            client.wait(client.submit("cold", {}), 60)
+            cold.append(time.perf_counter() - start)
+        return cold, idle
+    finally:
+        worker.terminate()
+        worker.wait()
+        for container in engine.containers.list(all=True, filters={"label": "fleet.namespace=benchcold"}):
             container.remove(force=True)
 
 
@@ -121,7 +164,7 @@ def docker_run(n: int) -> Figures:
         for _ in range(k):
             one()
 
-    return measure("docker run --rm per task (sequential)", one, batch, n)
+    return measure("(e) docker run --rm per task (sequential)", one, batch, n)
 
 
 def main() -> None:
@@ -135,20 +178,28 @@ def main() -> None:
         try:
             results = [
                 bare_celery(server.url, args.tasks, args.slots),
-                fleet_exec(server.url, args.tasks, args.slots, Path(scratch)),
+                bare_celery(server.url, args.tasks, args.slots, job="cat"),
+                fleet_run(server.url, args.tasks, args.slots, Path(scratch), "exec"),
+                fleet_run(server.url, args.tasks, args.slots, Path(scratch), "channel"),
                 docker_run(max(5, args.tasks // 5)),
             ]
+            cold, idle = cold_start_and_idle_memory(server.url, Path(scratch))
         finally:
             server.process.terminate()
             server.process.wait()
     base = results[0]
     table = Table(title=f"round trip of a trivial task ({args.tasks} tasks, one Redis, this machine)")
-    for column in ("path", "p50 ms", "p95 ms", "tasks/s", "p50 x bare", "tasks/s vs bare"):
+    for column in ("path", "p50 ms", "p95 ms", "tasks/s", "p50 x (a)", "tasks/s vs (a)"):
         table.add_column(column, justify="right" if column != "path" else "left")
     for r in results:
         table.add_row(r.name, f"{r.p(0.5):.1f}", f"{r.p(0.95):.1f}", f"{r.throughput:.1f}",
-                      f"{r.p(0.5) / base.p(0.5):.1f}", f"{r.throughput / base.throughput:.2f}")
+                      f"{r.p(0.5) / base.p(0.5):.2f}", f"{r.throughput / base.throughput:.2f}")
     console.print(table)
+    a, b, c, d = results[:4]
+    console.print(f"channel p50: {d.p(0.5) / a.p(0.5):.2f} x (a), {d.p(0.5) / b.p(0.5):.2f} x (b); "
+                  f"exec p50 / channel p50 = {c.p(0.5) / d.p(0.5):.1f}")
+    console.print(f"cold start (no container → result): {', '.join(f'{t * 1000:.0f} ms' for t in cold)}")
+    console.print(f"idle agent container (init + sleep + supervisor): {idle:.1f} MiB")
 
 
 if __name__ == "__main__":

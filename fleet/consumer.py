@@ -94,7 +94,7 @@ class TaskRunner:
             raise AgentPaused(f"agent {record.agent} is paused")
         spec = self.settings.agent(record.agent)
         try:
-            with self.containers.use(record.agent) as container:
+            with self.containers.use(record.agent, self.forwarder.connected) as container:
                 try:
                     record = self.store.claim(
                         task_id, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
@@ -104,8 +104,11 @@ class TaskRunner:
                     return
                 done = self.attempt(record, spec, container)
         except EngineError as error:
+            self.containers.invalidate(record.agent)
             self.engine_failed(task_id, error, spec)
             return
+        if done.container_died:
+            self.containers.invalidate(record.agent)
         self.record_outcome(done, spec)
 
     def attempt(self, record: TaskRecord, spec: AgentSpec, container: Container) -> Attempt:
@@ -130,9 +133,11 @@ class TaskRunner:
             timer.cancel()
             output.close()
             self.running.remove(record.id)
-        with engine_errors(f"inspecting container {container.name}"):
-            container.reload()
-        died = container.status != "running"
+        died = False
+        if not 0 <= status.code < 128:  # killed by a signal: was it the whole container?
+            with engine_errors(f"inspecting container {container.name}"):
+                container.reload()
+            died = container.status != "running"
         # Nothing the task started keeps running after it, nor any orphan.
         live = [task.job.task_id for task in self.running.all()]
         leftovers = status.leftovers + (0 if died else self.forwarder.kill(container, job, 0, sweep=live))

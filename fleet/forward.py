@@ -68,6 +68,11 @@ class Forwarder(Protocol):
         """Run the job to its end, streaming its output."""
         ...
 
+    def connected(self, container: Container) -> bool:
+        """Whether it holds a live connection into the container (then the
+        container is known to be up without asking the engine)."""
+        ...
+
     def kill(self, container: Container, job: Job, grace_s: float,
              sweep: list[str] | None = None) -> int:
         """End every process of the job (SIGTERM, then SIGKILL after the
@@ -107,6 +112,9 @@ class ExecForwarder:
         with engine_errors(f"reading the exit status in {container.name}"):
             code = api.exec_inspect(exec_id)["ExitCode"]
         return ExitStatus(code=-1 if code is None else int(code), leftovers=sum(stragglers))
+
+    def connected(self, container: Container) -> bool:
+        return False
 
     def _end_stragglers(self, container: Container, job: Job, exec_id: str,
                         ended: threading.Event, killed: list[int]) -> None:

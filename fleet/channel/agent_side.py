@@ -60,16 +60,19 @@ def mark(task_id: str) -> bytes:
     return ("FLEET_TASK_ID=" + task_id).encode()
 
 
-def task_pids(task_id: str, spare: list[str] | None, parents: set[int]) -> set[int]:
+def task_pids(task_id: str, spare: list[str] | None, parents: set[int],
+              live: frozenset[int] = frozenset()) -> set[int]:
     """The task's processes (its mark or its session); with `spare` (the
-    tasks still running), also the strays: children of PID 1 or of the
-    supervisor that belong to no running task, and their sessions."""
+    tasks still running, by id and by the pids `live` of their own
+    processes), also the strays: children of PID 1 or of the supervisor that
+    belong to no running task, and their sessions."""
     info = processes()
     ours = {sid for _, _, sid, env in info.values() if mark(task_id) in env}
     found = {pid for pid, (_, _, sid, env) in info.items() if sid in ours or mark(task_id) in env}
     if spare is None:
         return found
     kept = {sid for _, _, sid, env in info.values() if any(mark(t) in env for t in spare)}
+    kept |= {info[pid][2] for pid in live if pid in info}
     children = sorted((start, pid) for pid, (parent, start, _, _) in info.items() if parent in parents)
     command = [pid for _, pid in children if info[pid][0] == 1][:1]  # the container's own command
     strays = {pid for _, pid in children if pid not in command and info[pid][2] not in kept}
@@ -78,16 +81,17 @@ def task_pids(task_id: str, spare: list[str] | None, parents: set[int]) -> set[i
     return found - set(command)
 
 
-def end(task_id: str, grace: float, spare: list[str] | None, parents: set[int]) -> int:
+def end(task_id: str, grace: float, spare: list[str] | None, parents: set[int],
+        live: frozenset[int] = frozenset()) -> int:
     """SIGTERM, then SIGKILL after `grace`; returns once none is left."""
-    found = task_pids(task_id, spare, parents)
+    found = task_pids(task_id, spare, parents, live)
     if not found:
         return 0
     signal_all(found, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     deadline = time.monotonic() + grace
-    while (left := task_pids(task_id, spare, parents)) and time.monotonic() < deadline:
+    while (left := task_pids(task_id, spare, parents, live)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    while left := task_pids(task_id, spare, parents):
+    while left := task_pids(task_id, spare, parents, live):
         signal_all(left, signal.SIGKILL)
         reap_strays()
         time.sleep(0.01)
@@ -115,6 +119,10 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        # Held while a task is being started and while strays are swept: a
+        # child between fork and exec carries no mark yet and must not look
+        # like a stray.
+        self.spawning = threading.Lock()
         self.tasks: dict[str, subprocess.Popen[bytes]] = {}
         self.out = sys.stdout.buffer
 
@@ -139,9 +147,11 @@ class Supervisor:
     def run(self, message: dict[str, Any]) -> None:
         task_id = message["id"]
         try:
-            child = subprocess.Popen(message["argv"], env=message["env"], cwd=message["cwd"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+            with self.spawning:
+                child = subprocess.Popen(message["argv"], env=message["env"], cwd=message["cwd"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, start_new_session=True)
+                Supervisor.mains.add(child.pid)
         except OSError as error:
             self.send({"t": "out", "id": task_id, "s": "stderr",
                        "d": base64.b64encode(f"fleet: cannot start {message['argv'][0]}: "
@@ -149,7 +159,6 @@ class Supervisor:
             self.send({"t": "exit", "id": task_id, "code": 127, "left": 0})
             return
         self.tasks[task_id] = child
-        Supervisor.mains.add(child.pid)
         assert child.stdin and child.stdout and child.stderr
         feeder = threading.Thread(target=self.feed, args=(child.stdin, message["stdin"]), daemon=True)
         readers = [threading.Thread(target=self.pump, args=(task_id, name, stream), daemon=True)
@@ -157,12 +166,13 @@ class Supervisor:
         for thread in (feeder, *readers):
             thread.start()
         code = child.wait()
-        running = [t for t in self.tasks if t != task_id]
-        left = end(task_id, 0, running, {os.getpid()})  # what it left behind
+        with self.spawning:  # what it left behind, and strays of no running task
+            Supervisor.mains.discard(child.pid)
+            running = [t for t in self.tasks if t != task_id]
+            left = end(task_id, 0, running, {os.getpid()}, frozenset(Supervisor.mains))
         for reader in readers:
             reader.join()
         self.tasks.pop(task_id, None)
-        Supervisor.mains.discard(child.pid)
         self.send({"t": "exit", "id": task_id, "code": code, "left": left})
 
     @staticmethod
@@ -178,7 +188,13 @@ class Supervisor:
             self.send({"t": "out", "id": task_id, "s": name, "d": base64.b64encode(chunk).decode()})
 
     def kill(self, message: dict[str, Any]) -> None:
-        n = end(message["id"], float(message["grace"]), message.get("spare"), {os.getpid()})
+        spare = message.get("spare")
+        if spare is None:
+            n = end(message["id"], float(message["grace"]), None, {os.getpid()})
+        else:
+            with self.spawning:
+                n = end(message["id"], float(message["grace"]), spare, {os.getpid()},
+                        frozenset(Supervisor.mains))
         self.send({"t": "killed", "ref": message["ref"], "n": n})
 
 

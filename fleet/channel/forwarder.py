@@ -10,6 +10,7 @@ retries them) and is reopened for the next task."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import logging
@@ -101,7 +102,10 @@ class Channel:
         return int(reply["n"])
 
     def close(self) -> None:
+        """Let go: the supervisor sees the end of its input and ends its tasks."""
         self.alive = False
+        with contextlib.suppress(OSError):
+            self.raw.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def _read(self) -> None:
@@ -162,6 +166,11 @@ class ChannelForwarder:
             opened = Channel(container, self.user)
             self.channels[key] = opened
             return opened
+
+    def connected(self, container: Container) -> bool:
+        with self.lock:
+            current = self.channels.get(str(container.id))
+        return current is not None and current.alive
 
     def run(self, container: Container, job: Job, on_output: OutputCallback) -> ExitStatus:
         return self.channel(container).run(job, on_output)

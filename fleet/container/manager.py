@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import docker
@@ -29,6 +30,8 @@ from fleet.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
+RECHECK_S = 5.0  # how long a verified container is trusted without asking the engine
+
 
 class ContainerManager:
     def __init__(self, client: docker.DockerClient, settings: FleetSettings) -> None:
@@ -36,23 +39,34 @@ class ContainerManager:
         self.settings = settings
         self._changed = threading.Condition()
         self._in_use: Counter[str] = Counter()
+        self._verified: dict[str, tuple[Container, float]] = {}
 
     @contextmanager
-    def use(self, agent: str) -> Iterator[Container]:
+    def use(self, agent: str, connected: Callable[[Container], bool] | None = None) -> Iterator[Container]:
         """The agent's container, up and matching its spec, held for one task.
 
         A container that must be replaced is replaced only once no task of
-        this process is using it; until then the caller waits."""
+        this process is using it; until then the caller waits. A container
+        checked less than RECHECK_S ago, to which the forwarder still holds a
+        live connection (`connected`), is taken without asking the engine."""
         spec = build_spec(self.settings, agent)
         with self._changed:
             while True:
-                container, reason = self.inspect(spec)
-                if reason is None and container is not None:
+                cached, checked_at = self._verified.get(agent, (None, 0.0))
+                if (cached is not None and connected is not None and connected(cached)
+                        and time.monotonic() - checked_at < RECHECK_S):
+                    container = cached
+                    break
+                found, reason = self.inspect(spec)
+                if reason is None and found is not None:
+                    container = found
+                    self._verified[agent] = (container, time.monotonic())
                     break
                 if self._in_use[agent] == 0:
-                    made = self.recreate(spec, container, reason or "missing")
+                    made = self.recreate(spec, found, reason or "missing")
                     if made is not None:
                         container = made
+                        self._verified[agent] = (made, time.monotonic())
                         break
                     continue  # another process made it meanwhile: look again
                 self._changed.wait()
@@ -63,6 +77,11 @@ class ContainerManager:
             with self._changed:
                 self._in_use[agent] -= 1
                 self._changed.notify_all()
+
+    def invalidate(self, agent: str) -> None:
+        """Look at the engine again before the next task of `agent`."""
+        with self._changed:
+            self._verified.pop(agent, None)
 
     def ensure(self, agent: str) -> Container:
         with self.use(agent) as container:
