@@ -4,6 +4,7 @@ between tasks when it is gone, stopped, or has drifted from its spec."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -157,7 +158,9 @@ class ContainerManager:
             f"{LABEL_NAMESPACE}={self.settings.namespace}",
                              f"{LABEL_HOST}={self.settings.host}"]}
         with engine_errors("listing containers"):
-            found: list[Container] = self.client.containers.list(all=True, filters=filters)
+            # Another consumer may remove one while we list: skip it, do not fail.
+            found: list[Container] = self.client.containers.list(all=True, filters=filters,
+                                                                 ignore_removed=True)
         return found
 
     def remove_orphans(self) -> list[str]:
@@ -168,7 +171,8 @@ class ContainerManager:
             agent = container.labels.get(LABEL_AGENT, "")
             if agent in self.settings.agents and container.status == "running":
                 continue
-            with engine_errors(f"removing container {container.name}"):
+            with engine_errors(f"removing container {container.name}"), \
+                    contextlib.suppress(docker.errors.NotFound):  # another consumer got there first
                 container.remove(force=True)
             removed.append(str(container.name))
         return removed
