@@ -5,9 +5,13 @@ protocol (the result is stdout's last line, after masking)."""
 from __future__ import annotations
 
 import codecs
+import logging
 
+from fleet.errors import StateStoreError
 from fleet.masking import Masker
 from fleet.store import TaskStore
+
+log = logging.getLogger(__name__)
 
 TAIL_LIMIT = 1024 * 1024  # the result line must fit
 TRUNCATED = "\n[fleet: output truncated at the log limit]\n"
@@ -24,6 +28,7 @@ class OutputRecorder:
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
         self._maskers = {s: Masker(secrets or []) for s in STREAMS}
         self._tails = dict.fromkeys(STREAMS, "")
+        self._unsent: list[tuple[str, str]] = []
 
     def write(self, stream: str, data: bytes) -> None:
         self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(data)))
@@ -33,6 +38,7 @@ class OutputRecorder:
         for stream in STREAMS:
             self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(b"", True)))
             self._record(stream, self._maskers[stream].flush())
+        self._send()
 
     def _record(self, stream: str, text: str) -> None:
         if not text:
@@ -44,7 +50,20 @@ class OutputRecorder:
             text = text[: self.remaining] + TRUNCATED
             self.truncated = True
         self.remaining -= len(text)
-        self.store.append_output(self.task_id, stream, text)
+        self._unsent.append((stream, text))
+        self._send()
+
+    def _send(self) -> None:
+        """Store what is waiting, in order. While Redis is away the output
+        waits here (the task goes on) and is stored when it is back."""
+        while self._unsent:
+            stream, text = self._unsent[0]
+            try:
+                self.store.append_output(self.task_id, stream, text)
+            except StateStoreError as error:
+                log.warning("task %s: output kept until Redis answers: %s", self.task_id, error)
+                return
+            self._unsent.pop(0)
 
     def last_line(self, stream: str) -> str:
         lines = [line for line in self._tails[stream].splitlines() if line.strip()]

@@ -68,6 +68,19 @@ def errno_of(call):
     return result, ctypes.get_errno()
 
 
+def refused_writes(*paths):
+    """Try to append to each path; blocked if every write is refused."""
+    wrote = []
+    for path in paths:
+        try:
+            with open(path, "a") as f:
+                f.write("1")
+            wrote.append(path)
+        except OSError:
+            pass
+    return not wrote, f"wrote: {wrote}" if wrote else "refused"
+
+
 def connect(host, port):
     try:
         with socket.create_connection((host, port), timeout=2):
@@ -156,15 +169,7 @@ def _():
 
 @probe("write-rootfs")
 def _():
-    wrote = []
-    for path in ("/etc/passwd", "/usr/local/bin/planted", "/etc/cron.d/planted"):
-        try:
-            with open(path, "a") as f:
-                f.write("x")
-            wrote.append(path)
-        except OSError:
-            pass
-    return not wrote, f"wrote: {wrote}" if wrote else "read-only"
+    return refused_writes("/etc/passwd", "/usr/local/bin/planted", "/etc/cron.d/planted")
 
 
 @probe("setuid-files")
@@ -245,28 +250,13 @@ def _():
 
 @probe("proc-sys-write")
 def _():
-    wrote = []
-    for path in ("/proc/sys/kernel/hostname", "/proc/sysrq-trigger", "/proc/sys/vm/drop_caches"):
-        try:
-            with open(path, "w") as f:
-                f.write("1")
-            wrote.append(path)
-        except OSError:
-            pass
-    return not wrote, f"wrote: {wrote}" if wrote else "refused"
+    return refused_writes("/proc/sys/kernel/hostname", "/proc/sysrq-trigger", "/proc/sys/vm/drop_caches")
 
 
 @probe("sys-write")
 def _():
-    wrote = []
-    for path in ("/sys/kernel/uevent_helper", "/sys/fs/cgroup/cgroup.procs", "/sys/kernel/mm/ksm/run"):
-        try:
-            with open(path, "w") as f:
-                f.write("1")
-            wrote.append(path)
-        except OSError:
-            pass
-    return not wrote, f"wrote: {wrote}" if wrote else "refused"
+    return refused_writes("/sys/kernel/uevent_helper", "/sys/fs/cgroup/cgroup.procs",
+                          "/sys/kernel/mm/ksm/run")
 
 
 @probe("devices")

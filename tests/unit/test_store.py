@@ -104,3 +104,25 @@ def test_tokens_are_masked_before_they_are_stored(store: TaskStore) -> None:
     text = "".join(e.fields["data"] for e in store.output(task_id))
     assert "hunter22" not in text and text.count("[masked]") == 2
     assert out.last_line("stdout") == '{"token": "[masked]"}'
+
+
+def test_output_waits_while_redis_is_away(store: TaskStore) -> None:
+    from fleet.errors import StateStoreError
+
+    task_id, _ = store.create("dev", {})
+    out = OutputRecorder(store, task_id, limit=1000)
+    real = store.append_output
+    calls = {"n": 0}
+
+    def flaky(*args: str) -> None:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise StateStoreError("Redis: connection refused")
+        real(*args)
+
+    store.append_output = flaky  # type: ignore[method-assign]
+    out.write("stdout", b"first\n")  # refused: kept
+    out.write("stdout", b"second\n")  # refused again: both kept, in order
+    out.write("stdout", b"third\n")  # Redis is back: all three stored
+    out.close()
+    assert "".join(e.fields["data"] for e in store.output(task_id)) == "first\nsecond\nthird\n"
