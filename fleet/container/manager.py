@@ -127,11 +127,13 @@ class ContainerManager:
             self.image_id(spec.image)
             try:
                 container = self.client.containers.create(**spec.create_kwargs())
+                container.start()
             except docker.errors.APIError as error:
-                if error.status_code == 409:  # the name is taken: someone made it just now
+                # 409: the name is taken (someone made it just now) or ours was
+                # removed under us; 404: it is gone. Either way, look again.
+                if error.status_code in (404, 409):
                     return None
                 raise
-            container.start()
             container.reload()
         return container
 
@@ -169,7 +171,8 @@ class ContainerManager:
         removed = []
         for container in self.containers():
             agent = container.labels.get(LABEL_AGENT, "")
-            if agent in self.settings.agents and container.status == "running":
+            # "created": another consumer of the agent is starting it right now.
+            if agent in self.settings.agents and container.status in ("running", "created"):
                 continue
             with engine_errors(f"removing container {container.name}"), \
                     contextlib.suppress(docker.errors.NotFound):  # another consumer got there first

@@ -50,9 +50,10 @@ def test_a_consumer_killed_mid_run_loses_no_task_and_runs_none_twice_at_once(
     survivor = fleet.start_worker("dev")
     client = fleet.client()
     ids = [client.submit("dev", {"sleep": 2, "record": "runs"}) for _ in range(20)]
-    victim_consumers = set()
-    while not victim_consumers:  # the victim's consumer process (a child of `fleet worker`)
-        victim_consumers = set(child_pids(victim.process.pid))
+    victim.wait_for_line("dev@testhost ready")  # its consumer process (a child of `fleet worker`) is up
+    survivor.wait_for_line("dev@testhost ready")
+    victim_consumers = set(child_pids(victim.process.pid))
+    assert victim_consumers
     # Wait until the victim runs a task: its consumer holds that task's lease.
     deadline = time.monotonic() + 60
     doomed = None
