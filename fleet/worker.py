@@ -59,7 +59,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     breaker = Breaker(store.redis, store.keys, alerts)
     pause = PauseControl(breaker, agent, queue)
     install(app, pause)
-    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid))
+    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s)
                             if settings.forwarding == "channel" else ExecForwarder())
     running = RunningTasks(forwarder, settings.kill_grace_s)
 

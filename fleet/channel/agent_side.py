@@ -1,7 +1,7 @@
 """Runs INSIDE an agent's container, as the agent's user, with nothing but
 Python's standard library (its source is passed to `python3 -c`).
 
-    python3 -c SOURCE supervise      the supervisor: JSON lines on stdin/stdout
+    python3 -c SOURCE supervise GRACE  the supervisor: JSON lines on stdin/stdout
     python3 -c SOURCE kill ORDER     end one task's processes (docker exec fallback)
 
 The supervisor starts each task in its own session with exactly the
@@ -117,7 +117,8 @@ def reap_strays() -> None:
 class Supervisor:
     mains: ClassVar[set[int]] = set()  # the pids of the tasks' own processes
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
         self.lock = threading.Lock()
         # Held while a task is being started and while strays are swept: a
         # child between fork and exec carries no mark yet and must not look
@@ -141,8 +142,9 @@ class Supervisor:
             target = self.run if message["op"] == "run" else self.kill
             threading.Thread(target=target, args=(message,), daemon=True).start()
         # The consumer is gone: end everything this supervisor started (its
-        # children, the tasks' sessions and the strays re-parented to it).
-        end("", 0, [], {os.getpid()})
+        # children, the tasks' sessions and the strays re-parented to it),
+        # SIGTERM first so a task can stop cleanly.
+        end("", self.grace, [], {os.getpid()})
 
     def run(self, message: dict[str, Any]) -> None:
         task_id = message["id"]
@@ -200,7 +202,7 @@ class Supervisor:
 
 def main() -> None:
     if sys.argv[1] == "supervise":
-        Supervisor().serve()
+        Supervisor(float(sys.argv[2])).serve()
     else:
         order = json.loads(sys.argv[2])
         spare = order["spare"] if order["sweep"] else None

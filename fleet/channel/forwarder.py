@@ -34,13 +34,14 @@ CLOSED = object()
 
 
 class Channel:
-    def __init__(self, container: Container, user: str) -> None:
+    def __init__(self, container: Container, user: str, grace_s: float) -> None:
         assert container.client is not None
         api = container.client.api
         self.container_id = container.id
         self.name = container.name
         with engine_errors(f"starting the supervisor in {container.name}"):
-            exec_id = api.exec_create(container.id, ["python3", "-c", AGENT_SIDE, "supervise"],
+            exec_id = api.exec_create(container.id,
+                                      ["python3", "-c", AGENT_SIDE, "supervise", str(grace_s)],
                                       stdin=True, stdout=True, stderr=True, user=user, workdir=HOME)
             self.sock = api.exec_start(exec_id["Id"], socket=True)
         self.raw: socket.socket = (self.sock._sock if hasattr(self.sock, "_sock")  # type: ignore[assignment]
@@ -149,8 +150,9 @@ class ChannelForwarder:
     """The default forwarder: a channel per container, opened on first use
     and reopened when it breaks."""
 
-    def __init__(self, user: str) -> None:
+    def __init__(self, user: str, grace_s: float) -> None:
         self.user = user
+        self.grace_s = grace_s  # how long the supervisor lets tasks stop when the channel closes
         self.channels: dict[str, Channel] = {}
         self.lock = threading.Lock()
 
@@ -163,7 +165,7 @@ class ChannelForwarder:
             if current is not None:
                 current.close()
             log.info("opening the channel into %s", container.name)
-            opened = Channel(container, self.user)
+            opened = Channel(container, self.user, self.grace_s)
             self.channels[key] = opened
             return opened
 

@@ -54,7 +54,7 @@ def test_closing_the_channel_ends_the_tasks_it_carried(
         make_fleet: MakeFleet, docker_client: docker.DockerClient) -> None:
     fleet = make_fleet({"dev": {}})
     container = ContainerManager(docker_client, fleet.settings).ensure("dev")
-    forwarder = ChannelForwarder("10001")
+    forwarder = ChannelForwarder("10001", grace_s=1)
     started = threading.Event()
 
     def on_output(stream: str, data: bytes) -> None:
