@@ -32,7 +32,7 @@ from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.running import HANDBACK, TIMEOUT, RunningTask, RunningTasks
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.store import TaskStore
-from fleet.tokens import TokenStore
+from fleet.tokens import TokenStore, fingerprints_of, present
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ class TaskRunner:
         if record.attempts > 1 and (ended := self.forwarder.kill(container, job,
                                                                  self.settings.kill_grace_s)):
             self.store.add_event(record.id, "previous_attempt_ended", processes=str(ended))
-        tokens_seen = self.credentials.tokens.fingerprints(record.agent)
-        output = OutputRecorder(self.store, record.id, self.settings.log_limit,
-                                self.credentials.tokens.values(record.agent))
+        tokens = self.credentials.tokens.read_all(record.agent)  # each file read once per task
+        tokens_seen = fingerprints_of(tokens)
+        output = OutputRecorder(self.store, record.id, self.settings.log_limit, present(tokens))
         running = self.running.add(job, container)
         timer = threading.Timer(spec.timeout_s, self.running.end, (record.id, TIMEOUT))
         timer.daemon = True

@@ -36,6 +36,14 @@ def fingerprint(value: bytes) -> str:
     return "sha256:" + hashlib.sha256(value).hexdigest()[:FINGERPRINT_LENGTH]
 
 
+def present(tokens: dict[str, bytes | None]) -> list[bytes]:
+    return [value for value in tokens.values() if value]
+
+
+def fingerprints_of(tokens: dict[str, bytes | None]) -> dict[str, str]:
+    return {name: fingerprint(value) if value else "missing" for name, value in tokens.items()}
+
+
 class TokenStore:
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings
@@ -105,16 +113,15 @@ class TokenStore:
         except OSError:
             return None
 
+    def read_all(self, agent: str) -> dict[str, bytes | None]:
+        """Every token the agent declares, read once: name → value (None if missing)."""
+        return {name: self.read(agent, name) for name in self.settings.agent(agent).tokens}
+
     def values(self, agent: str) -> list[bytes]:
-        found = (self.read(agent, name) for name in self.settings.agent(agent).tokens)
-        return [value for value in found if value]
+        return present(self.read_all(agent))
 
     def fingerprints(self, agent: str) -> dict[str, str]:
-        result = {}
-        for name in self.settings.agent(agent).tokens:
-            value = self.read(agent, name)
-            result[name] = fingerprint(value) if value else "missing"
-        return result
+        return fingerprints_of(self.read_all(agent))
 
     def info(self, agent: str, name: str) -> TokenInfo:
         path = self.directory(agent) / name
