@@ -97,7 +97,7 @@ class TaskRunner:
             with self.containers.use(record.agent, self.forwarder.connected) as container:
                 try:
                     record = self.store.claim(
-                        task_id, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
+                        record, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
                         host=self.settings.host, container=container.short_id)
                 except (StaleTransition, LeaseHeld) as refused:
                     log.info("not running task %s: %s", task_id, refused)

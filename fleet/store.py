@@ -254,7 +254,7 @@ class TaskStore:
 
     # -- leases ----------------------------------------------------------------
 
-    def claim(self, task_id: str, attempt: int | None, owner: str, ttl_ms: int,
+    def claim(self, record: TaskRecord, attempt: int | None, owner: str, ttl_ms: int,
               **fields: Any) -> TaskRecord:
         """Start the next attempt of a task, under a lease.
 
@@ -262,8 +262,11 @@ class TaskStore:
         attempt has already started (a duplicate or a redelivery). A task
         still `running` under a live lease is left alone (LeaseHeld); one
         whose lease expired was lost and is taken over: that attempt is
-        recorded `lost` and the next one starts here."""
-        record = self.get(task_id)
+        recorded `lost` and the next one starts here.
+
+        `record` is the caller's fresh read; the transaction re-checks it
+        (the epoch), so a change since is refused rather than overwritten."""
+        task_id = record.id
         if record.state == State.RUNNING:
             if self.lease_owner(task_id) is not None:
                 raise LeaseHeld(f"task {task_id} attempt {record.attempts} runs under a live lease")
