@@ -87,12 +87,13 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
 @click.option("--key", help="Idempotency key: the same key gives the same task, published once.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the task; exit 0 only if it succeeded.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@click.option("--host", help="Run it only on this host (e.g. for its state volume there).")
 @pass_context
 def submit(ctx: Context, agent: str, payload: str | None, payload_file: Path | None,
-           key: str | None, wait_: bool, timeout: float | None) -> None:
+           key: str | None, wait_: bool, timeout: float | None, host: str | None) -> None:
     """Publish a task for AGENT and print its id."""
     body = read_payload(payload, payload_file)
-    task_id = ctx.client.submit(agent, body, key=key)
+    task_id = ctx.client.submit(agent, body, key=key, host=host)
     if not wait_:
         click.echo(task_id)
         return
@@ -203,6 +204,56 @@ def agents_resume(ctx: Context, agent: str) -> None:
         click.echo(f"agent {agent} was not paused")
 
 
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per host.")
+@click.pass_context
+def hosts(click_ctx: click.Context, as_json: bool) -> None:
+    """Hosts running `fleet worker`: agents, slots, containers, heartbeat, state."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    from fleet.display import host_table
+
+    statuses = click_ctx.ensure_object(Context).client.hosts.all()
+    if as_json:
+        for status in statuses:
+            click.echo(json.dumps(status.view()))
+        return
+    host_table(statuses).print()
+
+
+@hosts.command("drain")
+@click.argument("host")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until the host reports drained.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=3600.0,
+              show_default=True, help="Seconds to wait.")
+@pass_context
+def hosts_drain(ctx: Context, host: str, wait_: bool, timeout: float) -> None:
+    """HOST stops taking tasks (also after a restart) and finishes what it runs."""
+    from fleet.hosts import HostState
+
+    fresh = ctx.client.hosts.drain(host)
+    click.echo(f"host {host} {'draining' if fresh else 'was already draining'}")
+    if not wait_:
+        return
+    deadline = time.monotonic() + timeout
+    while (state := ctx.client.hosts.get(host).state) == HostState.DRAINING:
+        if time.monotonic() > deadline:
+            raise FleetError(f"host {host} is not drained after {timeout:g} s")
+        time.sleep(0.5)
+    click.echo(f"host {host} {state}")
+    if state != HostState.DRAINED:
+        sys.exit(1)
+
+
+@hosts.command("undrain")
+@click.argument("host")
+@pass_context
+def hosts_undrain(ctx: Context, host: str) -> None:
+    """HOST takes tasks again."""
+    fresh = ctx.client.hosts.undrain(host)
+    click.echo(f"host {host} {'takes tasks again' if fresh else 'was not drained'}")
+
+
 @cli.group()
 def tokens() -> None:
     """The agents' token files on this host (values are never printed)."""
@@ -287,11 +338,10 @@ def worker(ctx: Context, agent_names: tuple[str, ...]) -> None:
     """Run the consumers for these agents (default: all) in the foreground."""
     from fleet.worker import configure_logging, run_workers
 
-    names = list(agent_names) or list(ctx.settings.agents)
-    if not names:
+    if not ctx.settings.agents:
         raise UsageError("no agents configured: add an [agents.NAME] table to fleet.toml")
     configure_logging()
-    sys.exit(run_workers(ctx.settings, names))
+    sys.exit(run_workers(ctx.settings, list(agent_names)))
 
 
 @cli.group()

@@ -11,8 +11,9 @@ import redis
 
 from fleet.alerts import Alerts
 from fleet.breaker import Breaker
-from fleet.dispatch import make_celery, publish
+from fleet.dispatch import make_celery, publish, republish
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
+from fleet.hosts import HostRegistry
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.settings import FleetSettings, load_settings
 from fleet.store import TaskStore, connect_redis
@@ -21,11 +22,12 @@ from fleet.store import TaskStore, connect_redis
 class FleetClient:
     def __init__(self, settings: FleetSettings, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.store = TaskStore(redis_client or connect_redis(settings.redis_url),
+        self.store = TaskStore(redis_client or connect_redis(settings),
                                settings.namespace, settings.retention_s)
         self.app = make_celery(settings)
         self.alerts = Alerts(self.store.redis, self.store.keys, settings.alert_command)
         self.breaker = Breaker(self.store.redis, self.store.keys, self.alerts)
+        self.hosts = HostRegistry(self.store.redis, self.store.keys, settings.heartbeat_s)
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> FleetClient:
@@ -39,15 +41,30 @@ class FleetClient:
             raise UsageError(f"payload is {size} bytes, over payload_limit="
                              f"{self.settings.payload_limit}")
 
-    def submit(self, agent: str, payload: dict[str, Any], key: str | None = None) -> str:
-        """Queue a task for `agent`; returns its id. A key already used
-        returns that task's id and publishes nothing."""
+    def check_host(self, agent: str, host: str) -> None:
+        """A task may be pinned only to a registered host that serves its agent."""
+        spec = self.settings.agent(agent)
+        if not spec.serves(host):
+            raise UsageError(f"agent {agent!r} may not run on host {host!r} "
+                             f"(its hosts: {', '.join(spec.hosts)})")
+        served = self.hosts.get(host).registration.agents
+        if agent not in served:
+            raise UsageError(f"host {host!r} does not serve agent {agent!r} "
+                             f"(it serves: {', '.join(served)})")
+
+    def submit(self, agent: str, payload: dict[str, Any], key: str | None = None,
+               host: str | None = None) -> str:
+        """Queue a task for `agent`; returns its id. With `host`, the task
+        runs only on that host (its pinned queue there), retries included. A
+        key already used returns that task's id and publishes nothing."""
         self.settings.agent(agent)
         self.check_payload(payload)
-        task_id, created = self.store.create(agent, payload, key)
+        if host is not None:
+            self.check_host(agent, host)
+        task_id, created = self.store.create(agent, payload, key, pinned_host=host)
         if created:
             try:
-                publish(self.app, self.settings, task_id, agent)
+                publish(self.app, self.settings, task_id, agent, host=host)
             except (kombu.exceptions.KombuError, OSError, redis.RedisError) as error:
                 self.store.transition(task_id, State.FAILED, finished_at=now_iso(), error=TaskError(
                     kind=ErrorKind.LOST, message=f"could not publish: {error}"))
@@ -95,12 +112,17 @@ class FleetClient:
         retried = []
         for record in self.store.list_tasks(agent=agent, state=State.RETRYING):
             if record.error is not None and record.error.kind == ErrorKind.CREDENTIAL:
-                publish(self.app, self.settings, record.id, agent, attempt=record.attempts + 1)
+                republish(self.app, self.settings, record, record.attempts + 1)
                 retried.append(record.id)
         return retried
 
     def queue_depth(self, agent: str) -> int:
+        """Messages waiting in the agent's shared queue and its queues pinned
+        to the registered hosts."""
         from fleet.routing import queue_name
 
-        key = self.store.keys.queue(queue_name(self.settings.namespace, agent))
-        return int(self.store._call(self.store.redis.llen, key))
+        hosts = [None, *(h.registration.host_id for h in self.hosts.all())]
+        with self.store.redis.pipeline(transaction=False) as pipe:
+            for host in hosts:
+                pipe.llen(self.store.keys.queue(queue_name(self.settings.namespace, agent, host)))
+            return sum(int(n) for n in self.store._call(pipe.execute))

@@ -11,10 +11,12 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.exceptions import Reject
 from docker.models.containers import Container
@@ -22,9 +24,9 @@ from docker.models.containers import Container
 from fleet.alerts import CREDENTIAL_FAILURE, Alerts
 from fleet.breaker import Breaker
 from fleet.container.manager import ContainerManager
-from fleet.dispatch import TASK_NAME
+from fleet.dispatch import TASK_NAME, Republish
 from fleet.engine import engine_errors
-from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
+from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.forward import ExitStatus, Forwarder, Job
 from fleet.outcome import Outcome, classify, retry_or_fail
 from fleet.output import OutputRecorder
@@ -36,22 +38,21 @@ from fleet.tokens import TokenStore, fingerprints_of, present
 
 log = logging.getLogger(__name__)
 
-Republish = Callable[[str, str, int, float], None]
+OUTCOME_PATIENCE_S = 600.0  # how long a finished attempt's outcome waits for Redis
 
 
-class AgentPaused(FleetError):
-    """The agent's breaker is open: the message goes back to the queue."""
+class HeldBack(FleetError):
+    """The agent is paused or the host drained: the message goes back to the queue."""
 
 
 @dataclass
 class Credentials:
     """What the consumer needs to handle tokens: the host's token store, the
-    breaker, the alerts, and whether this process may take the agent's tasks."""
+    breaker and the alerts."""
 
     tokens: TokenStore
     breaker: Breaker
     alerts: Alerts
-    is_paused: Callable[[], bool]
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Attempt:
 class TaskRunner:
     def __init__(self, settings: FleetSettings, store: TaskStore, containers: ContainerManager,
                  forwarder: Forwarder, running: RunningTasks, republish: Republish,
-                 credentials: Credentials, owner: str) -> None:
+                 credentials: Credentials, held_back: Callable[[], str | None], owner: str) -> None:
         self.settings = settings
         self.store = store
         self.containers = containers
@@ -78,6 +79,7 @@ class TaskRunner:
         self.running = running
         self.republish = republish
         self.credentials = credentials
+        self.held_back = held_back  # why this consumer may not take tasks now, or None
         self.owner = owner
         self.rng = random.Random()
 
@@ -90,8 +92,8 @@ class TaskRunner:
         if record.state.final:
             log.info("task %s is already %s; not running it again", task_id, record.state)
             return
-        if self.credentials.is_paused():
-            raise AgentPaused(f"agent {record.agent} is paused")
+        if (reason := self.held_back()) is not None:
+            raise HeldBack(reason)
         spec = self.settings.agent(record.agent)
         try:
             with self.containers.use(record.agent, self.forwarder.connected) as container:
@@ -109,7 +111,35 @@ class TaskRunner:
             return
         if done.container_died:
             self.containers.invalidate(record.agent)
-        self.record_outcome(done, spec)
+
+        def outcome() -> None:
+            done.output.flush()
+            self.record_outcome(done, spec)
+
+        self.until_stored(done.record, outcome)
+
+    def until_stored(self, record: TaskRecord, write: Callable[[], object]) -> None:
+        """Write an attempt's outcome, waiting for Redis while it is away. A
+        write refused as stale (the task was taken over) is logged, not retried."""
+        deadline, delay = time.monotonic() + OUTCOME_PATIENCE_S, 0.5
+        while True:
+            try:
+                write()
+                return
+            except StaleTransition as refused:
+                log.warning("task %s: late write of attempt %d refused: %s", record.id,
+                            record.attempts, refused)
+                return
+            except (StateStoreError, redis.RedisError) as error:
+                if time.monotonic() > deadline:
+                    log.error("task %s: outcome of attempt %d not recorded, Redis away for %.0f s "
+                              "(%s); its lease has expired and it will run again", record.id,
+                              record.attempts, OUTCOME_PATIENCE_S, error)
+                    return
+                log.warning("task %s: outcome of attempt %d waits for Redis: %s", record.id,
+                            record.attempts, error)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def attempt(self, record: TaskRecord, spec: AgentSpec, container: Container) -> Attempt:
         job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
@@ -119,10 +149,12 @@ class TaskRunner:
         # first, so two runs of one task never overlap.
         if record.attempts > 1 and (ended := self.forwarder.kill(container, job,
                                                                  self.settings.kill_grace_s)):
-            self.store.add_event(record.id, "previous_attempt_ended", processes=str(ended))
+            self.store.add_event(record.id, "previous_attempt_ended", epoch=record.attempts,
+                                 processes=str(ended))
         tokens = self.credentials.tokens.read_all(record.agent)  # each file read once per task
         tokens_seen = fingerprints_of(tokens)
-        output = OutputRecorder(self.store, record.id, self.settings.log_limit, present(tokens))
+        output = OutputRecorder(self.store, record.id, record.attempts, self.settings.log_limit,
+                                present(tokens))
         running = self.running.add(job, container)
         timer = threading.Timer(spec.timeout_s, self.running.end, (record.id, TIMEOUT))
         timer.daemon = True
@@ -142,7 +174,8 @@ class TaskRunner:
         live = [task.job.task_id for task in self.running.all()]
         leftovers = status.leftovers + (0 if died else self.forwarder.kill(container, job, 0, sweep=live))
         if leftovers:
-            self.store.add_event(record.id, "leftover_processes_killed", processes=str(leftovers))
+            self.until_stored(record, lambda: self.store.add_event(
+                record.id, "leftover_processes_killed", epoch=record.attempts, processes=str(leftovers)))
         return Attempt(record, status, running, output, died, tokens_seen)
 
     def record_outcome(self, done: Attempt, spec: AgentSpec) -> None:
@@ -153,7 +186,7 @@ class TaskRunner:
         elif reason is not None and reason != TIMEOUT:
             # Cancelled (already recorded) or taken over (our writes are fenced off).
             log.info("task %s attempt %d ended: %s", record.id, record.attempts, reason)
-            self.store.add_event(record.id, "attempt_ended", reason=reason,
+            self.store.add_event(record.id, "attempt_ended", epoch=record.attempts, reason=reason,
                                  attempt=str(record.attempts))
             return
         elif done.container_died:
@@ -176,7 +209,7 @@ class TaskRunner:
         """Record and alert; open the breaker after enough in a row; retry at
         once if the operator rotated the token while the attempt ran."""
         token = outcome.token or ""
-        self.store.add_event(record.id, "credential_failure", token=token,
+        self.store.add_event(record.id, "credential_failure", epoch=record.attempts, token=token,
                              attempt=str(record.attempts))
         self.credentials.alerts.emit(
             CREDENTIAL_FAILURE, record.agent,
@@ -221,7 +254,7 @@ class TaskRunner:
             return
         if outcome.state == State.RETRYING and outcome.retry_in is not None:
             self.store.add_event(record.id, "retry", delay=f"{outcome.retry_in:.3f}")
-            self.republish(record.id, record.agent, record.attempts + 1, outcome.retry_in)
+            self.republish(record, record.attempts + 1, outcome.retry_in)
         log.info("task %s attempt %d: %s", record.id, record.attempts, outcome.state)
 
 
@@ -232,6 +265,6 @@ def register_consumer(app: Celery, runner: TaskRunner) -> None:
     def run(task_id: str, agent: str, attempt: int | None = None) -> None:
         try:
             runner.run(task_id, attempt)
-        except AgentPaused as paused:
-            # Back to the queue, untouched: no attempt is used up while paused.
-            raise Reject(str(paused), requeue=True) from None
+        except HeldBack as held:
+            # Back to the queue, untouched: no attempt is used up while held back.
+            raise Reject(str(held), requeue=True) from None

@@ -3,14 +3,20 @@ task name, so a publisher never imports consumer code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.keys import Keys
+from fleet.record import TaskRecord
 from fleet.routing import queue_name
-from fleet.settings import FleetSettings
+from fleet.settings import FleetSettings, is_sentinel_url
 
 TASK_NAME = "fleet.run"
+
+# Publish a task again: (its record, the attempt it runs as, delay in seconds).
+Republish = Callable[[TaskRecord, int, float], None]
 VISIBILITY_MARGIN_S = 600
 
 
@@ -27,14 +33,19 @@ def visibility_timeout(settings: FleetSettings) -> int:
     return int(longest) + VISIBILITY_MARGIN_S
 
 
-def make_celery(settings: FleetSettings) -> Celery:
+def agent_queue(settings: FleetSettings, agent: str, host: str | None = None) -> Queue:
+    """The kombu queue of an agent's shared tasks, or of its tasks pinned to `host`."""
+    name = queue_name(settings.namespace, agent, host)
+    return Queue(name, Exchange(f"{settings.namespace}.agents", type="direct"), routing_key=name)
+
+
+def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
+    """The app; with `host`, it also knows that host's pinned queues (a
+    consumer on it consumes them)."""
     app = Celery(settings.namespace, broker=settings.redis_url, set_as_current=False)
-    exchange = Exchange(f"{settings.namespace}.agents", type="direct")
-    queues = [
-        Queue(queue_name(settings.namespace, agent), exchange,
-              routing_key=queue_name(settings.namespace, agent))
-        for agent in settings.agents
-    ]
+    queues = [agent_queue(settings, agent) for agent in settings.agents]
+    if host is not None:
+        queues += [agent_queue(settings, agent, host) for agent in settings.agents]
     app.conf.update(
         task_queues=queues,
         task_default_queue=f"{settings.namespace}.unrouted",
@@ -43,6 +54,9 @@ def make_celery(settings: FleetSettings) -> Celery:
             "visibility_timeout": visibility_timeout(settings),
             # Every broker key under the namespace, beside fleet's own keys.
             "global_keyprefix": Keys(settings.namespace).broker_prefix,
+            # A sentinel:// URL: the primary the sentinels know by this name.
+            **({"master_name": settings.redis_sentinel_master}
+               if is_sentinel_url(settings.redis_url) else {}),
         },
         broker_connection_retry_on_startup=True,
         # A message is acknowledged only after its task has been run and its
@@ -68,13 +82,21 @@ def make_celery(settings: FleetSettings) -> Celery:
 
 
 def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str, attempt: int = 1,
-            countdown: float | None = None) -> None:
-    """Send task `task_id` to its agent's queue, to be run as `attempt`. The
-    message carries only the id, the agent and the attempt: the payload stays
-    in the task record. A message whose attempt has already started is stale
-    and dropped, so a retry published twice runs once."""
-    queue = queue_name(settings.namespace, agent)
+            countdown: float | None = None, host: str | None = None) -> None:
+    """Send task `task_id` to its agent's queue (the one pinned to `host` if
+    given), to be run as `attempt`. The message carries only the id, the
+    agent and the attempt: the payload stays in the task record. A message
+    whose attempt has already started is stale and dropped, so a retry
+    published twice runs once."""
+    queue = agent_queue(settings, agent, host)
+    # A Queue (not a name): Celery takes its exchange and routing key and
+    # declares it, so a pinned queue exists before its host first consumes it.
     app.send_task(TASK_NAME, args=[task_id], kwargs={"agent": agent, "attempt": attempt},
-                  task_id=task_id,
-                  queue=queue, routing_key=queue, exchange=f"{settings.namespace}.agents",
-                  countdown=countdown)
+                  task_id=task_id, queue=queue, countdown=countdown)  # type: ignore[arg-type]
+
+
+def republish(app: Celery, settings: FleetSettings, record: TaskRecord, attempt: int,
+              countdown: float | None = None) -> None:
+    """Publish a task again (a retry, a take-over) where it may run: its pinned host's queue if any."""
+    publish(app, settings, record.id, record.agent, attempt=attempt, countdown=countdown,
+            host=record.pinned_host)

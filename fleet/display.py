@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from rich.table import Table
 from fleet.container.spec import build_spec
 from fleet.engine import connect
 from fleet.errors import EngineError
+from fleet.hosts import HostStatus
 from fleet.record import TaskRecord
 from fleet.settings import FleetSettings
 from fleet.tokens import TokenInfo
@@ -59,21 +61,40 @@ def agent_rows(settings: FleetSettings, client: FleetClient) -> list[dict[str, A
             except docker.errors.NotFound:
                 state = "none"
         pause = client.breaker.paused(agent)
+        hosts, slots = client.hosts.serving(agent)
         rows.append({"agent": agent, "queued": client.queue_depth(agent),
                      "container": container.name, "container_state": state,
-                     "concurrency": spec.concurrency, "paused": pause is not None,
+                     "concurrency": spec.concurrency, "hosts": hosts, "slots": slots,
+                     "paused": pause is not None,
                      "status": pause.describe() if pause else "active"})
     return rows
 
 
 def agent_table(rows: list[dict[str, Any]]) -> Printable:
     table = Table()
-    for column in ("agent", "queued", "container", "state", "slots", "status"):
+    for column in ("agent", "queued", "container here", "state", "hosts", "slots", "status"):
         table.add_column(column)
     for row in rows:
         status = f"[red]{row['status']}[/]" if row["paused"] else row["status"]
         table.add_row(row["agent"], str(row["queued"]), row["container"],
-                      row["container_state"], str(row["concurrency"]), status)
+                      row["container_state"], str(row["hosts"]), str(row["slots"]), status)
+    return Printable(table)
+
+
+HOST_STYLES = {"up": "green", "draining": "yellow", "drained": "cyan", "stopped": "dim", "lost": "red"}
+
+
+def host_table(hosts: list[HostStatus]) -> Printable:
+    table = Table()
+    for column in ("host", "state", "agents (slots)", "running", "containers", "heartbeat", "version"):
+        table.add_column(column)
+    now = time.time()
+    for host in hosts:
+        r = host.registration
+        running = sum(c.running for c in host.consumers.values())
+        table.add_row(r.host_id, f"[{HOST_STYLES[host.state]}]{host.state}[/]",
+                      ", ".join(f"{a} ({r.slots.get(a, 0)})" for a in r.agents), str(running),
+                      str(len(r.containers)), f"{human_age(now - r.heartbeat_at)} ago", r.version)
     return Printable(table)
 
 

@@ -38,25 +38,34 @@ def check_engine() -> tuple[Check, docker.DockerClient | None]:
     return Check("engine", True, f"Docker {version} answers"), client
 
 
-def check_redis(url: str) -> Check:
+def check_redis(settings: FleetSettings) -> Check:
+    from fleet.store import connect_redis
+
+    shown = redis_display(settings.redis_url)
+    if settings.redis_url.startswith("sentinel://"):
+        shown += f" (master {settings.redis_sentinel_master})"
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        client = connect_redis(settings, decode_responses=False, socket_connect_timeout=3,
+                               socket_timeout=3)
         info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
     except redis.RedisError as error:
         fix = "start redis-server, or point redis_url (FLEET_REDIS_URL) at a running one"
-        return Check("redis", False, f"{redis_display(url)}: {error}", fix)
-    return Check("redis", True, f"Redis {info.get('redis_version', '?')} at {redis_display(url)}")
+        return Check("redis", False, f"{shown}: {error}", fix)
+    return Check("redis", True, f"Redis {info.get('redis_version', '?')} at {shown}")
 
 
 def redis_display(url: str) -> str:
-    """The URL without a password, for printing."""
+    """The URL without a password, for printing (each part of a sentinel URL)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}:{parts.port or 6379}"
-        return parts._replace(netloc=netloc).geturl()
-    return url
+    shown = []
+    for part in url.split(";"):
+        parts = urlsplit(part)
+        if parts.password:
+            netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+            part = parts._replace(netloc=netloc).geturl()
+        shown.append(part)
+    return ";".join(shown)
 
 
 def check_images(client: docker.DockerClient | None, images: list[str]) -> list[Check]:
@@ -98,7 +107,7 @@ def run_checks(settings: FleetSettings) -> list[Check]:
     images = sorted({spec.image for spec in settings.agents.values()} or {"fleet-agent:latest"})
     return [
         engine,
-        check_redis(settings.redis_url),
+        check_redis(settings),
         *check_images(client, images),
         check_secrets_dir(settings.secrets_dir),
     ]

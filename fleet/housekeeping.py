@@ -7,15 +7,22 @@ lease TTL, it:
     renew was taken over: that run is ended, and its writes are fenced off);
   - ends tasks that were cancelled (a notice makes this immediate; the
     re-read catches a missed notice);
-  - re-reads the agent's paused flag;
+  - re-reads the agent's paused flag and its host's drain flag, and reports
+    to the host registry how many tasks it runs and whether it consumes;
   - reaps: a `running` task of this agent whose lease expired was lost (its
-    consumer died); it is recorded `lost` and published again. A `retrying`
+    consumer died, or its host was cut off); it is recorded `lost` and
+    published again (to its pinned host's queue if it has one). A `retrying`
     task long past its due time lost its delayed message with a dead
     consumer; it is published again (a duplicate is dropped by the attempt
     check);
   - watches consumption: a process that is idle, not paused, while its
     queue has messages has stopped consuming (celery#8030, #10205 after a
-    Redis reconnect) and exits, so `fleet worker` restarts it."""
+    Redis reconnect) and exits, so `fleet worker` restarts it.
+
+A second thread fences this process off: a run whose lease it has not
+renewed for most of the TTL (Redis unreachable: a partition) is ended before
+the lease expires, so the attempt another host takes over never overlaps it.
+Whatever that run still writes carries its attempt and is refused."""
 
 from __future__ import annotations
 
@@ -28,8 +35,10 @@ from datetime import UTC, datetime
 
 import redis
 
+from fleet.consumption import ConsumptionControl
+from fleet.dispatch import Republish
 from fleet.errors import FleetError
-from fleet.pause import PauseControl
+from fleet.hosts import HostRegistry
 from fleet.record import State
 from fleet.running import CANCELLED, LEASE_LOST, RunningTasks
 from fleet.store import TaskStore
@@ -39,21 +48,24 @@ log = logging.getLogger(__name__)
 OVERDUE_RETRY_S = 60.0  # a retry this late lost its delayed message
 STUCK_AFTER_S = 60.0  # idle this long with a non-empty queue: not consuming
 EXIT_NOT_CONSUMING = 70
-
-Republish = Callable[[str, str, int, float], None]
+FENCE_AT = 5 / 6  # of the lease TTL without a renewal: end the run before the lease can expire
 
 
 class Housekeeper:
-    def __init__(self, store: TaskStore, agent: str, owner: str, lease_ttl_s: float,
-                 running: RunningTasks, pause: PauseControl, republish: Republish,
-                 queue_depth: Callable[[], int]) -> None:
+    def __init__(self, store: TaskStore, registry: HostRegistry, agent: str, owner: str,
+                 lease_ttl_s: float, running: RunningTasks, control: ConsumptionControl,
+                 republish: Republish, queue_depth: Callable[[], int]) -> None:
         self.store = store
+        self.registry = registry
         self.agent = agent
         self.owner = owner
         self.ttl_ms = int(lease_ttl_s * 1000)
         self.interval = lease_ttl_s / 3
+        self.fence_after = lease_ttl_s * FENCE_AT
+        # SIGTERM first, but SIGKILL well before the lease can expire.
+        self.fence_grace = min(running.kill_grace_s, lease_ttl_s * (1 - FENCE_AT) / 2)
         self.running = running
-        self.pause = pause
+        self.control = control
         self.republish = republish
         self.queue_depth = queue_depth
         self.idle_since: float | None = None
@@ -61,6 +73,7 @@ class Housekeeper:
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"housekeeper-{self.agent}", daemon=True).start()
+        threading.Thread(target=self._fence_loop, name=f"fence-{self.agent}", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -82,27 +95,49 @@ class Housekeeper:
                 log.warning("housekeeper for %s: %s; retrying", self.agent, error)
                 self._stopped.wait(self.interval)
 
+    def _fence_loop(self) -> None:
+        while not self._stopped.wait(self.interval / 4):
+            self.fence()
+
+    def fence(self) -> None:
+        now = time.monotonic()
+        for task in self.running.all():
+            if now - task.renewed_at > self.fence_after and task.reason is None:
+                log.error("task %s: lease of attempt %d not renewed for %.1f s (Redis unreachable?); "
+                          "ending this run before another consumer takes it over", task.job.task_id,
+                          task.job.attempt, now - task.renewed_at)
+                self.running.end(task.job.task_id, LEASE_LOST, grace_s=self.fence_grace)
+
     def notice(self, data: str) -> None:
         verb, _, subject = data.partition(" ")
         if verb == "cancel":
             self.running.end(subject, CANCELLED)
-        elif subject == self.agent:
-            self.pause.is_paused()
+        elif subject in (self.agent, self.control.host):
+            self.report(self.control.held_back())
 
     def tick(self) -> None:
         self.keep_leases()
-        paused = self.pause.is_paused()
+        held = self.control.held_back()
+        self.report(held)
         self.reap()
-        self.watch_consumption(paused)
+        self.watch_consumption(held is not None)
+
+    def report(self, held: str | None) -> None:
+        self.registry.report(self.control.host, self.agent, len(self.running),
+                             consuming=held is None and self.control.consuming)
 
     def keep_leases(self) -> None:
         for task in self.running.all():
             job = task.job
-            if not self.store.renew_lease(job.task_id, self.owner, job.attempt, self.ttl_ms):
+            asked_at = time.monotonic()
+            if self.store.renew_lease(job.task_id, self.owner, job.attempt, self.ttl_ms):
+                task.renewed_at = asked_at
+            else:
                 log.error("task %s: lease of attempt %d lost; ending this run", job.task_id,
                           job.attempt)
                 self.running.end(job.task_id, LEASE_LOST, grace_s=0)
-            elif self.store.get(job.task_id).state == State.CANCELLED:
+                continue
+            if self.store.get(job.task_id).state == State.CANCELLED:
                 self.running.end(job.task_id, CANCELLED)
 
     def reap(self) -> None:
@@ -110,23 +145,23 @@ class Housekeeper:
             if self.store.lease_owner(record.id) is None and self.store.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",
                             record.id, record.attempts)
-                self.republish(record.id, self.agent, record.attempts + 1, 0.0)
+                self.republish(record, record.attempts + 1, 0.0)
         now = time.time()
         for record in self.store.list_tasks(agent=self.agent, state=State.RETRYING):
             due = datetime.fromisoformat(record.retry_at).timestamp() if record.retry_at else now
             if now - due > OVERDUE_RETRY_S:
                 log.warning("task %s: retry overdue by %.0f s; publishing it again", record.id,
                             now - due)
-                self.republish(record.id, self.agent, record.attempts + 1, 0.0)
+                self.republish(record, record.attempts + 1, 0.0)
                 self.store.transition(record.id, State.RETRYING, epoch=record.attempts,
                                       retry_at=datetime.fromtimestamp(now, UTC).isoformat())
 
-    def watch_consumption(self, paused: bool) -> None:
-        if paused or len(self.running) or self.queue_depth() == 0:
+    def watch_consumption(self, held: bool) -> None:
+        if held or len(self.running) or self.queue_depth() == 0:
             self.idle_since = None
             return
         self.idle_since = self.idle_since or time.monotonic()
         if time.monotonic() - self.idle_since > STUCK_AFTER_S:
-            log.error("agent %s: idle for %.0f s while its queue has tasks: this consumer stopped "
+            log.error("agent %s: idle for %.0f s while its queues have tasks: this consumer stopped "
                       "consuming; exiting so that fleet worker restarts it", self.agent, STUCK_AFTER_S)
             os._exit(EXIT_NOT_CONSUMING)

@@ -9,7 +9,11 @@
     {ns}:alerts                 stream credential failures, breaker openings and closings, capped
     {ns}:agent:{agent}:paused   hash   the agent's circuit breaker is open: reason, token, since
     {ns}:agent:{agent}:credential-failures  string  consecutive credential failures
-    {ns}:control                pubsub "paused"/"resumed" notices (the flag above is the truth)
+    {ns}:control                pubsub "paused"/"resumed"/"cancel"/"drain" notices (the flags are the truth)
+    {ns}:hosts                  zset   host ids, scored by their last heartbeat
+    {ns}:host:{host}            hash   a host's registration (agents, slots, containers, version…) and
+                                       its consumers' reports; expires a day after its last heartbeat
+    {ns}:host:{host}:drain      string the host is drained (since when); kept until undrained
     {ns}:broker:...                    Celery/kombu's own keys (queues, unacked messages)
 
 Finished tasks' record, events and idempotency key expire after
@@ -56,6 +60,16 @@ class Keys:
     @property
     def control(self) -> str:
         return f"{self.namespace}:control"
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.namespace}:hosts"
+
+    def host(self, host: str) -> str:
+        return f"{self.namespace}:host:{host}"
+
+    def drain(self, host: str) -> str:
+        return f"{self.namespace}:host:{host}:drain"
 
     @property
     def broker_prefix(self) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import codecs
 import logging
 
-from fleet.errors import StateStoreError
+from fleet.errors import StaleTransition, StateStoreError
 from fleet.masking import Masker
 from fleet.store import TaskStore
 
@@ -19,10 +19,12 @@ STREAMS = ("stdout", "stderr")
 
 
 class OutputRecorder:
-    def __init__(self, store: TaskStore, task_id: str, limit: int,
+    def __init__(self, store: TaskStore, task_id: str, epoch: int, limit: int,
                  secrets: list[bytes] | None = None) -> None:
         self.store = store
         self.task_id = task_id
+        self.epoch = epoch  # the attempt: output is refused once the task has moved on
+        self.refused = False
         self.remaining = limit
         self.truncated = False
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
@@ -40,6 +42,11 @@ class OutputRecorder:
             self._record(stream, self._maskers[stream].flush())
         self._send()
 
+    def flush(self) -> None:
+        """Store what still waits for Redis; StateStoreError while it is away."""
+        if self._send() is not None:
+            raise StateStoreError(f"task {self.task_id}: output not stored yet")
+
     def _record(self, stream: str, text: str) -> None:
         if not text:
             return
@@ -53,17 +60,25 @@ class OutputRecorder:
         self._unsent.append((stream, text))
         self._send()
 
-    def _send(self) -> None:
+    def _send(self) -> StateStoreError | None:
         """Store what is waiting, in order. While Redis is away the output
-        waits here (the task goes on) and is stored when it is back."""
-        while self._unsent:
+        waits here (the task goes on) and is stored when it is back; once
+        the task has moved to another attempt, it is refused and dropped."""
+        while self._unsent and not self.refused:
             stream, text = self._unsent[0]
             try:
-                self.store.append_output(self.task_id, stream, text)
+                self.store.append_output(self.task_id, self.epoch, stream, text)
             except StateStoreError as error:
                 log.warning("task %s: output kept until Redis answers: %s", self.task_id, error)
-                return
-            self._unsent.pop(0)
+                return error
+            except StaleTransition as refused:
+                log.error("task %s: output of attempt %d refused, dropped: %s", self.task_id,
+                          self.epoch, refused)
+                self.refused = True
+                self._unsent.clear()
+            else:
+                self._unsent.pop(0)
+        return None
 
     def last_line(self, stream: str) -> str:
         lines = [line for line in self._tails[stream].splitlines() if line.strip()]

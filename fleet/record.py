@@ -48,7 +48,8 @@ class TaskRecord(BaseModel):
     result: dict[str, Any] | None = None
     exit_code: int | None = None
     error: TaskError | None = None
-    host: str | None = None
+    host: str | None = None  # where the current (or last) attempt runs
+    pinned_host: str | None = None  # set when submitted with a host: it runs only there
     container: str | None = None
     created_at: str
     started_at: str | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from docker.models.containers import Container
@@ -28,6 +29,7 @@ class RunningTask:
     job: Job
     container: Container
     reason: str | None = None
+    renewed_at: float = field(default_factory=time.monotonic)  # the lease's last renewal (monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def mark(self, reason: str) -> bool:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -24,10 +26,57 @@ from fleet.errors import ConfigError
 
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
 TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+HOST_ID = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MEMORY_SIZE = re.compile(r"(?i)(\d+(?:\.\d+)?)\s*([kmg]?)i?b?")
 MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
+
+
+SENTINEL_DEFAULT_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """`sentinel://[[user]:password@]host[:port][/db][;sentinel://host2[:port]]...`,
+    Celery's form. The first part's credentials and db are the primary's."""
+
+    nodes: tuple[tuple[str, int], ...]
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    form = "use sentinel://host:port[;sentinel://host2:port]..."
+    nodes: list[tuple[str, int]] = []
+    split: list[SplitResult] = []
+    for part in url.split(";"):
+        try:
+            parts = urlsplit(part)
+            port = parts.port or SENTINEL_DEFAULT_PORT
+        except ValueError:
+            raise ValueError(f"{part!r} is not a Sentinel address ({form})") from None
+        path = parts.path.strip("/")
+        if parts.scheme != "sentinel" or not parts.hostname or parts.query or parts.fragment \
+                or (path and not path.isdigit()):
+            raise ValueError(f"{part!r} is not a Sentinel address ({form})")
+        nodes.append((parts.hostname, port))
+        split.append(parts)
+    first = split[0]
+    return SentinelURL(tuple(nodes), int(first.path.strip("/") or 0),
+                       unquote(first.username) if first.username else None,
+                       unquote(first.password) if first.password else None)
+
+
+def check_redis_url(url: str) -> str:
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+    return url
 
 
 def check_agent_name(name: str) -> str:
@@ -39,6 +88,12 @@ def check_agent_name(name: str) -> str:
 def check_token_name(name: str) -> str:
     if not TOKEN_NAME.fullmatch(name) or ".." in name or name in {".", ".."}:
         raise ValueError(f"bad token name {name!r}: use [A-Za-z0-9_.-], no '..' or '/'")
+    return name
+
+
+def check_host_id(name: str) -> str:
+    if not HOST_ID.fullmatch(name):
+        raise ValueError(f"bad host id {name!r}: use 1-63 of [A-Za-z0-9_.-]")
     return name
 
 
@@ -72,6 +127,7 @@ def check_network(value: str) -> str:
 
 AgentName = Annotated[str, AfterValidator(check_agent_name)]
 TokenName = Annotated[str, AfterValidator(check_token_name)]
+HostId = Annotated[str, AfterValidator(check_host_id)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
@@ -96,6 +152,10 @@ class AgentSpec(BaseModel):
     transient_backoff_s: float = Field(2.0, gt=0)
     transient_backoff_max_s: float = Field(300.0, gt=0)
     breaker_threshold: PositiveInt = 3  # consecutive credential failures that pause the agent
+    hosts: list[HostId] = Field(default_factory=list)  # the hosts that may serve it; empty: any
+
+    def serves(self, host: str) -> bool:
+        return not self.hosts or host in self.hosts
 
     @property
     def memory_bytes(self) -> int:
@@ -121,7 +181,10 @@ class FleetSettings(BaseSettings):
         frozen=True,
     )
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix)://")
+    redis_url: Annotated[str, AfterValidator(check_redis_url)] = Field(
+        "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix|sentinel)://")
+    # With a sentinel:// redis_url: the name the sentinels monitor the primary under.
+    redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.-]+$")
     host_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,63}$")
     secrets_dir: Path = Path("/var/lib/fleet/secrets")
     namespace: str = Field("fleet", pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -133,6 +196,7 @@ class FleetSettings(BaseSettings):
     lease_ttl_s: float = Field(15.0, ge=3)  # a running attempt's lease; renewed every third of it
     kill_grace_s: float = Field(5.0, ge=0)  # SIGTERM → SIGKILL when fleet ends a task
     shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM to a worker: running tasks may finish this long
+    heartbeat_s: float = Field(5.0, gt=0, le=300)  # a host's heartbeat; lost after three are missed
     # How jobs get into containers: "channel" (a supervisor per container on
     # one long-lived exec session) or "exec" (one `docker exec` per task).
     forwarding: Literal["channel", "exec"] = "channel"

@@ -15,10 +15,12 @@ from typing import Any
 
 import redis
 from redis.client import Pipeline
+from redis.sentinel import Sentinel
 
 from fleet.errors import LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.keys import Keys
 from fleet.record import FINAL_STATES, ErrorKind, State, TaskError, TaskRecord, now_iso
+from fleet.settings import FleetSettings, is_sentinel_url, parse_sentinel_url
 
 EVENTS_MAXLEN = 20_000
 
@@ -39,6 +41,19 @@ return 0
 RELEASE_LEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
+"""
+# Append to a task's event stream only while the task is still on the
+# writer's attempt and that attempt was not declared lost (a `retrying`
+# task runs no attempt): the fencing token of output and events, as the
+# epoch is of state transitions. KEYS: task, events; ARGV: attempt, maxlen,
+# field, value, … Returns why it was refused, nothing when written.
+FENCED_XADD = """
+local current = redis.call('hget', KEYS[1], 'attempts')
+if not current then return 'gone' end
+if current ~= ARGV[1] then return 'on attempt ' .. current end
+if redis.call('hget', KEYS[1], 'state') == '"retrying"' then return 'retrying' end
+redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+return false
 """
 RECORD_FIELDS = tuple(TaskRecord.model_fields)
 
@@ -63,8 +78,21 @@ class Event:
         return self.fields.get("type", "")
 
 
-def connect_redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+def connect_redis(settings: FleetSettings, **options: Any) -> redis.Redis:
+    """fleet's own connection to Redis (records, streams, control). With a
+    `sentinel://` redis_url the sentinels name the primary, and name it again
+    after a failover; `options` are redis-py's (decode_responses=True by default)."""
+    url = settings.redis_url
+    options = {"decode_responses": True, "health_check_interval": 30, **options}
+    if not is_sentinel_url(url):
+        return redis.Redis.from_url(url, **options)
+    parsed = parse_sentinel_url(url)
+    sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+    sentinels = Sentinel(list(parsed.nodes), **sentinel_options)  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_sentinel_master, db=parsed.db, username=parsed.username,
+        password=parsed.password, **options)
+    return client
 
 
 def new_task_id() -> str:
@@ -78,6 +106,7 @@ class TaskStore:
         self.retention_s = retention_s
         self._renew = client.register_script(RENEW_LEASE)
         self._release = client.register_script(RELEASE_LEASE)
+        self._fenced_xadd = client.register_script(FENCED_XADD)
 
     # -- reading -------------------------------------------------------------
 
@@ -179,8 +208,8 @@ class TaskStore:
 
     # -- writing -------------------------------------------------------------
 
-    def create(self, agent: str, payload: dict[str, Any],
-               key: str | None = None) -> tuple[str, bool]:
+    def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
+               pinned_host: str | None = None) -> tuple[str, bool]:
         """A new queued record. With an idempotency key already used, the
         existing task's id and False (nothing is written)."""
         task_id = new_task_id()
@@ -190,9 +219,9 @@ class TaskStore:
                 existing = self._call(self.redis.get, self.keys.idempotency(key))
                 if existing is not None:
                     return str(existing), False
-                return self.create(agent, payload, key)  # it expired between the two calls
+                return self.create(agent, payload, key, pinned_host)  # expired between the calls
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=now_iso(),
-                            key=key)
+                            key=key, pinned_host=pinned_host)
         now = time.time()
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
@@ -329,15 +358,26 @@ class TaskStore:
             pipe.zremrangebyscore(self.keys.by_state(state), 0, now - self.retention_s)
         pipe.zremrangebyscore(self.keys.by_agent(record.agent), 0, now - self.retention_s)
 
-    def append_output(self, task_id: str, stream: str, data: str) -> None:
-        self._call(self.redis.xadd, self.keys.events(task_id),
-                   {"type": "output", "stream": stream, "data": data},
-                   maxlen=EVENTS_MAXLEN, approximate=True)
+    def append_output(self, task_id: str, epoch: int, stream: str, data: str) -> None:
+        """Record output of attempt `epoch`; StaleTransition if the task has moved on."""
+        self._append(task_id, epoch, {"type": "output", "stream": stream, "data": data})
 
-    def add_event(self, task_id: str, kind: str, **fields: str) -> None:
+    def add_event(self, task_id: str, kind: str, epoch: int | None = None, **fields: str) -> None:
+        """Record an event; with `epoch`, only while the task is on that
+        attempt (StaleTransition otherwise)."""
         entry: dict[str, str] = {"type": kind, **fields}
+        if epoch is not None:
+            self._append(task_id, epoch, entry)
+            return
         self._call(self.redis.xadd, self.keys.events(task_id), entry,
                    maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def _append(self, task_id: str, epoch: int, entry: dict[str, str]) -> None:
+        flat = [part for pair in entry.items() for part in pair]
+        refused = self._call(self._fenced_xadd, [self.keys.task(task_id), self.keys.events(task_id)],
+                             [json.dumps(epoch), EVENTS_MAXLEN, *flat])
+        if refused is not None:
+            raise StaleTransition(f"task {task_id} is {refused}; a write of attempt {epoch} is stale")
 
     def output(self, task_id: str) -> Iterator[Event]:
         """All output events recorded so far, oldest first."""

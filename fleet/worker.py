@@ -20,7 +20,10 @@ from types import FrameType
 from typing import Any
 
 from fleet.container.manager import ContainerManager
+from fleet.container.spec import LABEL_SPEC_HASH
 from fleet.engine import connect
+from fleet.errors import FleetError, UsageError
+from fleet.keys import Keys
 from fleet.settings import FleetSettings, load_settings
 
 log = logging.getLogger("fleet.worker")
@@ -29,7 +32,8 @@ RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 
 
 def serve_agent(settings: FleetSettings, agent: str) -> int:
-    """Consume one agent's queue in this process until told to stop."""
+    """Consume one agent's queues on this host (its shared queue and the one
+    of its tasks pinned here) in this process until told to stop."""
     from celery.exceptions import SecurityWarning
     from celery.signals import worker_shutting_down
 
@@ -37,10 +41,12 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     from fleet.breaker import Breaker
     from fleet.channel.forwarder import ChannelForwarder
     from fleet.consumer import Credentials, TaskRunner, register_consumer
-    from fleet.dispatch import make_celery, publish
+    from fleet.consumption import ConsumptionControl, install
+    from fleet.dispatch import make_celery, republish
     from fleet.forward import ExecForwarder, Forwarder
+    from fleet.hosts import HostRegistry
     from fleet.housekeeping import Housekeeper
-    from fleet.pause import PauseControl, install
+    from fleet.record import TaskRecord
     from fleet.routing import queue_name
     from fleet.running import HANDBACK, RunningTasks
     from fleet.store import TaskStore, connect_redis
@@ -50,30 +56,35 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     # Celery's warning about running as root says nothing new here.
     warnings.filterwarnings("ignore", category=SecurityWarning)
     spec = settings.agent(agent)
-    queue = queue_name(settings.namespace, agent)
+    queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    app = make_celery(settings)
+    app = make_celery(settings, host=settings.host)
     manager = ContainerManager(connect(), settings)
-    store = TaskStore(connect_redis(settings.redis_url), settings.namespace, settings.retention_s)
+    store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
+                      settings.retention_s)
     alerts = Alerts(store.redis, store.keys, settings.alert_command)
     breaker = Breaker(store.redis, store.keys, alerts)
-    pause = PauseControl(breaker, agent, queue)
-    install(app, pause)
+    registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
+    control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
+    install(app, control)
     forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s)
                             if settings.forwarding == "channel" else ExecForwarder())
     running = RunningTasks(forwarder, settings.kill_grace_s)
 
-    def republish(task_id: str, task_agent: str, attempt: int, delay: float) -> None:
-        publish(app, settings, task_id, task_agent, attempt=attempt, countdown=delay)
+    def publish_again(record: TaskRecord, attempt: int, delay: float) -> None:
+        republish(app, settings, record, attempt, delay)
 
     def queue_depth() -> int:
-        return int(store.redis.llen(store.keys.queue(queue)))  # type: ignore[arg-type]
+        with store.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(store.keys.queue(queue))
+            return sum(int(n) for n in pipe.execute())
 
-    credentials = Credentials(TokenStore(settings), breaker, alerts, pause.is_paused)
-    register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, republish,
-                                      credentials, owner))
-    housekeeper = Housekeeper(store, agent, owner, settings.lease_ttl_s, running, pause, republish,
-                              queue_depth)
+    credentials = Credentials(TokenStore(settings), breaker, alerts)
+    register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
+                                      credentials, control.held_back, owner))
+    housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
+                              publish_again, queue_depth)
 
     def hand_back() -> None:
         for task in running.all():
@@ -91,7 +102,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     housekeeper.start()
     worker = app.Worker(
         hostname=f"{agent}@{settings.host}",
-        queues=[queue],
+        queues=queues,
         concurrency=spec.concurrency,
         pool="threads",
         loglevel="INFO",
@@ -147,15 +158,78 @@ class Children:
             time.sleep(0.2)
 
 
+def redis_timeouts(settings: FleetSettings) -> dict[str, Any]:
+    """A worker's Redis calls give up within a lease renewal period: a call
+    hanging on a cut link must not hold the housekeeper past the lease."""
+    timeout = max(2.0, settings.lease_ttl_s / 3)
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "socket_keepalive": True}
+
+
+def agents_served(settings: FleetSettings, asked: list[str]) -> list[str]:
+    """The agents this host's worker runs: those asked for (each must be
+    configured and allowed on this host), or every agent allowed here."""
+    host = settings.host
+    for agent in asked:
+        if not settings.agent(agent).serves(host):
+            raise UsageError(f"agent {agent!r} may not run on host {host!r} "
+                             f"(its hosts: {', '.join(settings.agents[agent].hosts)})")
+    served = asked or [name for name, spec in settings.agents.items() if spec.serves(host)]
+    if not served:
+        raise UsageError(f"no configured agent may run on host {host!r}")
+    return served
+
+
+class Heartbeat:
+    """Registers this host in Redis and renews it every `heartbeat_s`, with
+    the containers fleet runs here; a failed beat is logged and retried."""
+
+    def __init__(self, settings: FleetSettings, agents: list[str], manager: ContainerManager) -> None:
+        from fleet.hosts import HostRegistry, Registration
+        from fleet.store import connect_redis
+
+        self.settings = settings
+        self.manager = manager
+        self.registry = HostRegistry(connect_redis(settings, **redis_timeouts(settings)),
+                                     Keys(settings.namespace), settings.heartbeat_s)
+        self.registration = Registration(
+            host_id=settings.host, agents=agents, pid=os.getpid(), started_at=time.time(),
+            slots={agent: settings.agents[agent].concurrency for agent in agents})
+        self._stopped = threading.Event()
+
+    def beat(self) -> None:
+        containers = {str(c.name): c.labels.get(LABEL_SPEC_HASH, "") for c in self.manager.containers()}
+        self.registration = self.registration.model_copy(update={"containers": containers})
+        self.registry.beat(self.registration)
+
+    def start(self) -> None:
+        self.beat()  # registered before any consumer runs: a failure here stops the start
+        threading.Thread(target=self._loop, name="heartbeat", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.settings.heartbeat_s):
+            try:
+                self.beat()
+            except FleetError as error:
+                log.warning("heartbeat of host %s failed: %s", self.settings.host, error)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            self.registry.stopped(self.registration)
+        except FleetError as error:
+            log.warning("could not record host %s as stopped: %s", self.settings.host, error)
+
+
 def run_workers(settings: FleetSettings, agents: list[str]) -> int:
     """Start one consumer process per agent and supervise them until stopped."""
-    for agent in agents:
-        settings.agent(agent)
+    agents = agents_served(settings, agents)
     manager = ContainerManager(connect(), settings)
     for name in manager.remove_orphans():
         log.info("removed orphaned container %s", name)
     for agent in agents:
         manager.ensure(agent)
+    heartbeat = Heartbeat(settings, agents, manager)
+    heartbeat.start()
     children = Children(agents)
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -164,7 +238,10 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return children.supervise()
+    try:
+        return children.supervise()
+    finally:
+        heartbeat.stop()
 
 
 def configure_logging() -> None:

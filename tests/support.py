@@ -4,6 +4,7 @@ nor leak."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -46,13 +47,14 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
 
-def start_redis(directory: Path, *extra: str, port: int | None = None) -> RedisServer:
-    """A redis-server on a free port (or `port`); returns once it accepts
-    connections (it says so on its stdout)."""
+def start_redis(directory: Path, *extra: str, port: int | None = None,
+                bind: str = "127.0.0.1") -> RedisServer:
+    """A redis-server on a free port (or `port`) at `bind`; returns once it
+    accepts connections (it says so on its stdout)."""
     port = port or free_port()
     directory.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        ["redis-server", "--port", str(port), "--bind", bind, "--dir", str(directory),
          "--save", "", "--appendonly", "no", "--logfile", "", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -65,7 +67,7 @@ def start_redis(directory: Path, *extra: str, port: int | None = None) -> RedisS
     else:
         raise RuntimeError(f"redis-server on port {port} did not start:\n{''.join(seen)}")
     threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
-    return RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
+    return RedisServer(f"redis://{bind}:{port}/0", port, process)
 
 
 
@@ -117,7 +119,8 @@ class Fleet:
             worker.stop()
         for container in docker_client.containers.list(
                 all=True, filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"}):
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):  # being removed already
+                container.remove(force=True)
         shutil.rmtree(self.settings.secrets_dir, ignore_errors=True)
 
     def client(self) -> Any:
@@ -132,6 +135,7 @@ class Worker:
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
         self.lines: list[str] = []
+        self.ended = False  # its output closed: it exited
         self._changed = threading.Condition()
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -141,11 +145,15 @@ class Worker:
             with self._changed:
                 self.lines.append(line)
                 self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
 
     def wait_for_line(self, text: str, count: int = 1, timeout: float = 60) -> None:
         with self._changed:
-            ok = self._changed.wait_for(
-                lambda: sum(text in line for line in self.lines) >= count, timeout)
+            self._changed.wait_for(
+                lambda: self.ended or sum(text in line for line in self.lines) >= count, timeout)
+            ok = sum(text in line for line in self.lines) >= count
         assert ok, f"worker never printed {text!r}:\n{''.join(self.lines[-40:])}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
@@ -249,7 +257,10 @@ class Run:
 
 def read_runs(container: Any, name: str) -> list[Run]:
     """The start/end/killed lines fleet-agent's `record` step wrote in /state."""
-    text = container.exec_run(["cat", f"/state/{name}"]).output.decode()
+    done = container.exec_run(["cat", f"/state/{name}"])
+    if done.exit_code != 0:  # no run recorded there
+        return []
+    text = done.output.decode()
     runs: dict[tuple[str, int], Run] = {}
     for line in text.splitlines():
         what, task, attempt, when = line.split()
@@ -280,3 +291,30 @@ def child_pids(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(p) for p in (task / "children").read_text().split()]
     return found
+
+
+def start_sentinel(directory: Path, primary_port: int, master: str = "mymaster") -> RedisServer:
+    """A Redis Sentinel on a free port that monitors the primary on
+    `primary_port` as `master` (quorum 1, down after 1 s); its `url` is the
+    sentinel:// form. It rewrites its config file, so that lives in `directory`."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "sentinel.conf"
+    config.write_text(f"sentinel monitor {master} 127.0.0.1 {primary_port} 1\n"
+                      f"sentinel down-after-milliseconds {master} 1000\n"
+                      f"sentinel failover-timeout {master} 5000\n")
+    process = subprocess.Popen(
+        ["redis-server", str(config), "--sentinel", "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(directory), "--logfile", ""],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if f"+monitor master {master}" in line:
+            break
+    else:
+        raise RuntimeError(f"redis sentinel on port {port} did not start:\n{''.join(seen)}")
+    threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
+    return RedisServer(f"sentinel://127.0.0.1:{port}", port, process)

@@ -166,13 +166,16 @@ class ContainerManager:
         return found
 
     def remove_orphans(self) -> list[str]:
-        """Remove this host's containers of agents no longer configured and
-        dead ones. State volumes are kept: they hold the agents' data."""
+        """Remove this host's containers of agents no longer configured (or
+        no longer allowed on this host) and dead ones. State volumes are
+        kept: they hold the agents' data."""
         removed = []
         for container in self.containers():
             agent = container.labels.get(LABEL_AGENT, "")
             # "created": another consumer of the agent is starting it right now.
-            if agent in self.settings.agents and container.status in ("running", "created"):
+            spec = self.settings.agents.get(agent)
+            if spec is not None and spec.serves(self.settings.host) \
+                    and container.status in ("running", "created"):
                 continue
             with engine_errors(f"removing container {container.name}"), \
                     contextlib.suppress(docker.errors.NotFound):  # another consumer got there first

@@ -79,6 +79,9 @@ def test_environment_overrides_the_file(config, monkeypatch: pytest.MonkeyPatch)
     ('[agents.dev]\ntokens = ["a..b"]\n', "agents.dev.tokens.0: bad token name 'a..b'"),
     ('[agents.dev]\ntokens = [".."]\n', "agents.dev.tokens.0: bad token name"),
     ("[agents.dev]\nconcurrency = 0\n", "agents.dev.concurrency: Input should be greater than 0 (got 0)"),
+    ('[agents.dev]\nhosts = ["a b"]\n', "agents.dev.hosts.0: bad host id 'a b'"),
+    ('[agents.dev]\nhosts = [""]\n', "agents.dev.hosts.0: bad host id ''"),
+    ("heartbeat_s = 0\n", "heartbeat_s: Input should be greater than 0"),
     ("[agents.dev]\npids_limit = -1\n", "agents.dev.pids_limit: Input should be greater than 0"),
     ("[agents.dev]\ncpus = 0\n", "agents.dev.cpus: Input should be greater than 0"),
     ("[agents.dev]\ntimeout_s = 0\n", "agents.dev.timeout_s: Input should be greater than 0"),
@@ -90,11 +93,31 @@ def test_environment_overrides_the_file(config, monkeypatch: pytest.MonkeyPatch)
     ('[agents.dev]\nnetwork = "bridge"\n', "agents.dev.network: network 'bridge' is not allowed"),
     ('[agents.dev]\ncommand = []\n', "agents.dev.command:"),
     ('redis_url = "http://x"\n', "redis_url:"),
+    ('redis_url = "sentinel://h:x"\n', "redis_url: 'sentinel://h:x' is not a Sentinel address"),
+    ('redis_url = "sentinel://a:26379;redis://b:6379"\n', "redis_url: 'redis://b:6379' is not a Sentinel"),
+    ('redis_url = "sentinel://a:26379/zero"\n', "redis_url: 'sentinel://a:26379/zero' is not a Sentinel"),
+    ('redis_url = "sentinel://a:26379;"\n', "redis_url: '' is not a Sentinel address"),
+    ('redis_sentinel_master = ""\n', "redis_sentinel_master: String should match pattern"),
+    ('redis_sentinel_master = "my master"\n', "redis_sentinel_master: String should match pattern"),
     ('namespace = "Fleet"\n', "namespace:"),
     ("payload_limit = 0\n", "payload_limit: Input should be greater than 0"),
 ])
 def test_rejected_with_the_key_named(config, text: str, expected: str) -> None:
     assert expected in load_error(config, text)
+
+
+def test_a_sentinel_url_in_celerys_form(config) -> None:
+    from fleet.settings import parse_sentinel_url
+
+    config('redis_url = "sentinel://:s%40cret@10.0.0.1:26379/2;sentinel://sentinel-b"\n'
+           'redis_sentinel_master = "fleet-primary.1"\n')
+    settings = load_settings()
+    assert settings.redis_sentinel_master == "fleet-primary.1"
+    parsed = parse_sentinel_url(settings.redis_url)
+    assert parsed.nodes == (("10.0.0.1", 26379), ("sentinel-b", 26379))
+    assert (parsed.db, parsed.password) == (2, "s@cret")
+    config("")
+    assert load_settings().redis_sentinel_master == "mymaster"
 
 
 def test_bad_toml_syntax_is_one_line(config) -> None:

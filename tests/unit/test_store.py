@@ -74,7 +74,7 @@ def test_unknown_task(store: TaskStore) -> None:
 
 def test_output_is_recorded_in_order_and_capped(store: TaskStore) -> None:
     task_id, _ = store.create("dev", {})
-    out = OutputRecorder(store, task_id, limit=20)
+    out = OutputRecorder(store, task_id, 0, limit=20)
     out.write("stdout", b"hello ")
     out.write("stdout", "w\u00f6rld\n".encode()[:3])  # a multi-byte char split across chunks
     out.write("stdout", "w\u00f6rld\n".encode()[3:])
@@ -88,7 +88,7 @@ def test_output_is_recorded_in_order_and_capped(store: TaskStore) -> None:
 
 def test_last_line_spans_chunks(store: TaskStore) -> None:
     task_id, _ = store.create("dev", {})
-    out = OutputRecorder(store, task_id, limit=1000)
+    out = OutputRecorder(store, task_id, 0, limit=1000)
     for chunk in (b"progress\n{\"res", b"ult\": ", b"42}\n"):
         out.write("stdout", chunk)
     out.close()
@@ -97,7 +97,7 @@ def test_last_line_spans_chunks(store: TaskStore) -> None:
 
 def test_tokens_are_masked_before_they_are_stored(store: TaskStore) -> None:
     task_id, _ = store.create("dev", {})
-    out = OutputRecorder(store, task_id, limit=10_000, secrets=[b"hunter22"])
+    out = OutputRecorder(store, task_id, 0, limit=10_000, secrets=[b"hunter22"])
     out.write("stdout", b"my token is hun")
     out.write("stdout", b'ter22\n{"token": "hunter22"}')
     out.close()
@@ -110,7 +110,7 @@ def test_output_waits_while_redis_is_away(store: TaskStore) -> None:
     from fleet.errors import StateStoreError
 
     task_id, _ = store.create("dev", {})
-    out = OutputRecorder(store, task_id, limit=1000)
+    out = OutputRecorder(store, task_id, 0, limit=1000)
     real = store.append_output
     calls = {"n": 0}
 
@@ -126,3 +126,33 @@ def test_output_waits_while_redis_is_away(store: TaskStore) -> None:
     out.write("stdout", b"third\n")  # Redis is back: all three stored
     out.close()
     assert "".join(e.fields["data"] for e in store.output(task_id)) == "first\nsecond\nthird\n"
+
+
+def test_output_and_events_of_a_superseded_attempt_are_refused(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    first = store.claim(store.get(task_id), 1, "a", 10_000)
+    store.append_output(task_id, first.attempts, "stdout", "mine\n")
+    store.redis.delete(store.keys.lease(task_id))  # the lease expired: the attempt was lost
+    assert store.reclaim(task_id) is not None
+    with pytest.raises(StaleTransition, match="is retrying"):  # lost: nothing more from it
+        store.append_output(task_id, 1, "stdout", "late\n")
+    store.claim(store.get(task_id), 2, "b", 10_000)
+    with pytest.raises(StaleTransition, match="on attempt 2"):
+        store.add_event(task_id, "attempt_ended", epoch=1, reason="lease-lost")
+    store.append_output(task_id, 2, "stdout", "theirs\n")
+    assert [e.fields["data"] for e in store.output(task_id)] == ["mine\n", "theirs\n"]
+    assert not any(e.type == "attempt_ended" for e in store.events(task_id))
+
+
+def test_recorder_drops_output_once_refused(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    store.claim(store.get(task_id), 1, "a", 10_000)
+    out = OutputRecorder(store, task_id, 1, limit=1000)
+    out.write("stdout", b"one\n")
+    store.transition(task_id, State.RETRYING, epoch=1)
+    store.claim(store.get(task_id), 2, "b", 10_000)
+    out.write("stdout", b"two\n")
+    out.close()
+    out.flush()  # nothing waits: refused output is dropped, not kept for later
+    assert out.refused
+    assert [e.fields["data"] for e in store.output(task_id)] == ["one\n"]

@@ -1,0 +1,217 @@
+"""Scale-out on simulated hosts: three network namespaces on a bridge, each
+running its own `fleet worker` with its own host id, reaching one Redis over
+the virtual network and sharing the one Docker engine (containers named by
+host). A host's link is cut with `ip link set … down`.
+
+Figures (tasks per host, failover time) are printed; run with -s to see them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import docker
+import pytest
+from simhosts import SimulatedNetwork
+from support import Fleet, MakeFleet, overlapping, read_runs, wait_for_state
+
+from fleet.container.spec import build_spec
+from fleet.record import ErrorKind, State
+
+HOSTS = ["h1", "h2", "h3"]
+T = TypeVar("T")
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedNetwork]:
+    made = SimulatedNetwork.create(tmp_path_factory.mktemp("simhosts"), HOSTS)
+    yield made
+    made.destroy()
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """Poll a condition that no event announces (a heartbeat's age, a registry entry)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := check()) is not None:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def host_states(fleet: Fleet) -> dict[str, dict[str, Any]]:
+    done = fleet.cli("hosts", "--json")
+    assert done.returncode == 0, done.stderr
+    return {h["host_id"]: h for h in map(json.loads, done.stdout.splitlines())}
+
+
+def in_state(fleet: Fleet, host: str, state: str) -> Callable[[], dict[str, Any] | None]:
+    def check() -> dict[str, Any] | None:
+        found = host_states(fleet).get(host)
+        return found if found is not None and found["state"] == state else None
+    return check
+
+
+def start_hosts(fleet: Fleet, network: SimulatedNetwork, names: list[str]) -> dict[str, Any]:
+    workers = {name: network.host(name).start_worker(fleet, network.redis_url) for name in names}
+    for name, worker in workers.items():
+        worker.wait_for_line(f"dev@{name} ready")
+    return workers
+
+
+def runs_on_every_host(fleet: Fleet, docker_client: docker.DockerClient, names: list[str]) -> list[Any]:
+    runs = []
+    for name in names:
+        settings = fleet.settings.model_copy(update={"host_id": name})
+        runs += read_runs(docker_client.containers.get(build_spec(settings, "dev").name), "runs")
+    return runs
+
+
+def test_tasks_spread_over_three_hosts_and_a_killed_host_shows_lost(
+        make_fleet: MakeFleet, network: SimulatedNetwork) -> None:
+    fleet = make_fleet({"dev": {"concurrency": 2}}, redis_url=network.redis_url, heartbeat_s=1)
+    workers = start_hosts(fleet, network, HOSTS)
+    hosts = eventually(lambda: h if len(h := host_states(fleet)) == 3 else None, "3 hosts")
+    for name in HOSTS:
+        assert hosts[name]["state"] == "up"
+        assert hosts[name]["agents"] == ["dev"] and hosts[name]["slots"] == {"dev": 2}
+        assert list(hosts[name]["containers"]) == [build_spec(
+            fleet.settings.model_copy(update={"host_id": name}), "dev").name]
+        assert time.time() - hosts[name]["heartbeat_at"] < 5
+    agents = json.loads(fleet.cli("agents", "--json").stdout)
+    assert (agents[0]["hosts"], agents[0]["slots"]) == (3, 6)
+
+    client = fleet.client()
+    ids = [client.submit("dev", {"sleep": 0.3}) for _ in range(30)]
+    records = [client.wait(task_id, 120) for task_id in ids]
+    assert {r.state for r in records} == {State.SUCCEEDED}
+    per_host = Counter(r.host for r in records)
+    print(f"\ntasks per host: {dict(sorted(per_host.items()))}")
+    assert set(per_host) == set(HOSTS)
+    assert min(per_host.values()) >= 3, per_host
+
+    victim = workers["h3"]
+    killed_at = time.monotonic()
+    os.killpg(victim.process.pid, signal.SIGKILL)  # the worker and its consumers: no goodbye
+    eventually(in_state(fleet, "h3", "lost"), "h3 shown lost", timeout=15)
+    print(f"h3 shown lost {time.monotonic() - killed_at:.1f} s after its worker was killed")
+    hosts = host_states(fleet)
+    assert (hosts["h1"]["state"], hosts["h2"]["state"]) == ("up", "up")
+    agents = json.loads(fleet.cli("agents", "--json").stdout)
+    assert (agents[0]["hosts"], agents[0]["slots"]) == (2, 4)
+    text = fleet.cli("hosts").stdout
+    assert "h3" in text and "lost" in text
+
+
+def test_a_cut_link_moves_the_task_elsewhere_without_overlap_and_refuses_late_writes(
+        make_fleet: MakeFleet, network: SimulatedNetwork, docker_client: docker.DockerClient) -> None:
+    fleet = make_fleet({"dev": {}}, redis_url=network.redis_url, heartbeat_s=1, lease_ttl_s=3)
+    workers = start_hosts(fleet, network, HOSTS)
+    client = fleet.client()
+    task_id = client.submit("dev", {"lines": 40, "interval": 0.25, "record": "runs"})
+    first = wait_for_state(client, task_id, State.RUNNING)
+    cut = network.host(first.host)
+    cut.cut()
+    cut_at = time.monotonic()
+    try:
+        second = eventually(lambda: r if (r := client.status(task_id)).attempts == 2
+                            and r.state == State.RUNNING else None, "the take-over", timeout=30)
+        failover_s = time.monotonic() - cut_at
+        assert second.host != cut.name
+        lost = [e.fields for e in client.store.events(task_id) if e.fields.get("error") == "lost"]
+        assert lost, "the cut-off attempt was not recorded lost"
+    finally:
+        cut.restore()
+    print(f"\nlink of {cut.name} cut: task running again on {second.host} after {failover_s:.1f} s")
+    # Back on the network, the cut-off worker tries to store what its run
+    # left (output, the attempt's end): refused, because attempt 2 took over.
+    workers[cut.name].wait_for_line("of attempt 1 refused", timeout=60)
+    record = client.wait(task_id, 120)
+    assert (record.state, record.attempts, record.host) == (State.SUCCEEDED, 2, second.host)
+    events = list(client.store.events(task_id))
+    taken_over = next(n for n, e in enumerate(events) if e.fields.get("error") == "lost")
+    later = "".join(e.fields["data"] for e in events[taken_over:] if e.type == "output").splitlines()
+    # Only attempt 2's 40 lines and its result follow the take-over.
+    assert later[:40] == [f"line {n}" for n in range(1, 41)] and len(later) == 41
+    assert json.loads(later[40])["attempt"] == 2
+    assert not any(e.type == "attempt_ended" for e in events), "attempt 1's late event was stored"
+    runs = runs_on_every_host(fleet, docker_client, HOSTS)
+    assert sorted(r.attempt for r in runs) == [1, 2]
+    assert overlapping(runs) == [], runs
+    assert [r.how for r in runs if r.attempt == 1] == ["killed"]  # fenced off: SIGTERM, not left running
+
+
+def test_a_drained_host_takes_nothing_new_finishes_its_task_and_stays_drained_on_restart(
+        make_fleet: MakeFleet, network: SimulatedNetwork) -> None:
+    fleet = make_fleet({"dev": {}}, redis_url=network.redis_url, heartbeat_s=1)
+    workers = start_hosts(fleet, network, ["h1"])
+    client = fleet.client()
+    long_task = client.submit("dev", {"sleep": 4})
+    assert wait_for_state(client, long_task, State.RUNNING).host == "h1"
+    start_hosts(fleet, network, ["h2"])
+
+    done = fleet.cli("hosts", "drain", "h1")
+    assert done.returncode == 0 and "draining" in done.stdout, done.stderr
+    eventually(in_state(fleet, "h1", "draining"), "h1 draining")  # its task still runs
+    ids = [client.submit("dev", {"echo": n}) for n in range(8)]
+    assert {client.wait(t, 60).host for t in ids} == {"h2"}
+    done = fleet.cli("hosts", "drain", "h1", "--wait", "--timeout", "30")
+    assert done.returncode == 0 and "h1 drained" in done.stdout, done.stdout + done.stderr
+    assert (client.status(long_task).state, client.status(long_task).host) == (State.SUCCEEDED, "h1")
+
+    # Honoured on restart: the flag lives in Redis, not in the worker.
+    workers["h1"].stop()
+    start_hosts(fleet, network, ["h1"])
+    eventually(in_state(fleet, "h1", "drained"), "h1 drained after restart")
+    ids = [client.submit("dev", {"echo": n}) for n in range(8)]
+    assert {client.wait(t, 60).host for t in ids} == {"h2"}
+
+    assert "takes tasks again" in fleet.cli("hosts", "undrain", "h1").stdout
+    eventually(in_state(fleet, "h1", "up"), "h1 up")
+    pinned = client.submit("dev", {"echo": "here"}, host="h1")
+    assert (client.wait(pinned, 60).state, client.status(pinned).host) == (State.SUCCEEDED, "h1")
+
+
+def test_a_pinned_task_runs_only_on_its_host_retries_included(
+        make_fleet: MakeFleet, network: SimulatedNetwork, tmp_path: Path) -> None:
+    fleet = make_fleet({"dev": {"transient_backoff_s": 0.2},
+                        "solo": {"hosts": ["h1"]}}, redis_url=network.redis_url, heartbeat_s=1)
+    start_hosts(fleet, network, HOSTS)
+    client = fleet.client()
+    eventually(lambda: True if len(host_states(fleet)) == 3 else None, "3 hosts")
+    ids = []
+    for n in range(6):
+        done = fleet.cli("submit", "dev", "--host", "h2", "--payload", json.dumps({"echo": n}))
+        assert done.returncode == 0, done.stderr
+        ids.append(done.stdout.strip())
+    flaky = client.submit("dev", {"exit": 75, "fail_until_attempt": 2}, host="h2")
+    records = [client.wait(t, 60) for t in [*ids, flaky]]
+    assert {(r.state, r.host, r.pinned_host) for r in records} == {(State.SUCCEEDED, "h2", "h2")}
+    retried = client.status(flaky)
+    assert retried.attempts == 2  # the retry went back to h2's queue, not the shared one
+    transient = [e for e in client.store.events(flaky) if e.fields.get("error") == ErrorKind.TRANSIENT]
+    assert transient
+
+    # An agent restricted to h1 is served by h1 only.
+    hosts = host_states(fleet)
+    assert [h for h in HOSTS if "solo" in hosts[h]["agents"]] == ["h1"]
+    solo = [client.submit("solo", {"echo": n}) for n in range(4)]
+    assert {client.wait(t, 60).host for t in solo} == {"h1"}
+
+    # Bad input: one line, exit 2, nothing queued.
+    before = len(client.tasks())
+    for args, message in [(["dev", "--host", "nosuch"], "no host 'nosuch' has registered"),
+                          (["solo", "--host", "h2"], "agent 'solo' may not run on host 'h2'")]:
+        done = fleet.cli("submit", *args, "--payload", "{}")
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert len(client.tasks()) == before
+    assert fleet.cli("hosts", "drain", "nosuch").returncode == 2
