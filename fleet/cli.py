@@ -407,6 +407,26 @@ def demo(keep: bool) -> None:
     sys.exit(run_demo(keep=keep, started=started))
 
 
+BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred")  # fleet.bench.PARTS, without importing it
+
+
+@cli.command()
+@click.option("--tasks", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Tasks per measurement (throughput: 4 x as many).")
+@click.option("--only", multiple=True, type=click.Choice(BENCH_PARTS), help="Run only this part.")
+@click.option("--skip", multiple=True, type=click.Choice(BENCH_PARTS), help="Skip this part.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def bench(tasks: int, only: tuple[str, ...], skip: tuple[str, ...], as_json: bool) -> None:
+    """Measure fleet against bare Celery and docker run, on a private Redis:
+    round trips (a)-(e), cold start, 3 agents x 2 slots, 100 agents on this host."""
+    from fleet.bench import run_bench
+
+    if only and skip:
+        raise UsageError("give --only or --skip, not both")
+    parts = [part for part in BENCH_PARTS if (part in only if only else part not in skip)]
+    sys.exit(run_bench(tasks, parts, as_json))
+
+
 def main(argv: list[str] | None = None) -> Any:
     try:
         return cli.main(args=argv, prog_name="fleet", standalone_mode=True)

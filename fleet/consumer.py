@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +84,7 @@ class TaskRunner:
 
     def run(self, task_id: str, attempt: int | None = None) -> None:
         try:
-            record = self.store.get(task_id)
+            record, payload = self.store.get_with_payload(task_id)
         except TaskNotFound:
             log.warning("task %s has no record (expired?); dropping its message", task_id)
             return
@@ -104,7 +103,7 @@ class TaskRunner:
                 except (StaleTransition, LeaseHeld) as refused:
                     log.info("not running task %s: %s", task_id, refused)
                     return
-                done = self.attempt(record, spec, container)
+                done = self.attempt(record, payload, spec, container)
         except EngineError as error:
             self.containers.invalidate(record.agent)
             self.engine_failed(task_id, error, spec)
@@ -141,9 +140,10 @@ class TaskRunner:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def attempt(self, record: TaskRecord, spec: AgentSpec, container: Container) -> Attempt:
+    def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
+                container: Container) -> Attempt:
         job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
-                  payload=json.dumps(self.store.payload(record.id)).encode(),
+                  payload=json.dumps(payload).encode(),
                   command=list(spec.command), user=str(self.settings.agent_uid))
         # A previous attempt may still run here if its consumer died: end it
         # first, so two runs of one task never overlap.
@@ -155,14 +155,10 @@ class TaskRunner:
         tokens_seen = fingerprints_of(tokens)
         output = OutputRecorder(self.store, record.id, record.attempts, self.settings.log_limit,
                                 present(tokens))
-        running = self.running.add(job, container)
-        timer = threading.Timer(spec.timeout_s, self.running.end, (record.id, TIMEOUT))
-        timer.daemon = True
-        timer.start()
+        running = self.running.add(job, container, timeout_s=spec.timeout_s)
         try:
             status = self.forwarder.run(container, job, output.write)
         finally:
-            timer.cancel()
             output.close()
             self.running.remove(record.id)
         died = False
@@ -247,8 +243,9 @@ class TaskRunner:
         elif outcome.retry_in is not None:
             fields.update(retry_at=now_iso(later_s=outcome.retry_in))
         try:
-            self.store.transition(record.id, outcome.state, epoch=record.attempts if epoch is None
-                                  else epoch, **fields)
+            self.store.transition(record.id, outcome.state,
+                                  epoch=record.attempts if epoch is None else epoch,
+                                  current=record if epoch is None else None, **fields)
         except StaleTransition as refused:  # cancelled while it ran, or taken over
             log.info("outcome of task %s not recorded: %s", record.id, refused)
             return

@@ -43,9 +43,13 @@ class ConsumptionControl:
         """Re-read the flags, bring consumption in line, and say why this
         consumer may not take tasks now (None: it may)."""
         reason = None
-        if self.breaker.paused(self.agent) is not None:
+        with self.breaker.redis.pipeline(transaction=False) as pipe:  # both flags, one round trip
+            pipe.exists(self.breaker.keys.paused(self.agent))
+            pipe.exists(self.registry.keys.drain(self.host))
+            paused, drained = pipe.execute()
+        if paused:
             reason = f"agent {self.agent} is paused"
-        elif self.registry.is_drained(self.host):
+        elif drained:
             reason = f"host {self.host} is drained"
         with self._lock:
             consumer = self._consumer

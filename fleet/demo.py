@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +24,9 @@ from fleet.client import FleetClient
 from fleet.container.manager import ContainerManager
 from fleet.display import task_table
 from fleet.engine import connect
-from fleet.errors import ConfigError, FleetError
+from fleet.errors import ConfigError
 from fleet.image import build_image
+from fleet.private_redis import start_private_redis
 from fleet.record import State
 from fleet.settings import FleetSettings, load_settings
 from fleet.tokens import TokenStore
@@ -66,31 +66,6 @@ def redis_answers(url: str) -> bool:
     return True
 
 
-def start_private_redis(directory: Path, console: Console) -> tuple[subprocess.Popen[str], str]:
-    """A redis-server on a free loopback port, with its data under `directory`."""
-    if shutil.which("redis-server") is None:
-        raise FleetError("no Redis answers and redis-server is not installed: "
-                         "run scripts/bootstrap.sh (or apt-get install redis-server)")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    directory.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory.resolve()),
-         "--appendonly", "yes", "--logfile", ""],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "Ready to accept connections" in line:
-            break
-    else:
-        raise FleetError(f"the demo's redis-server did not start (port {port})")
-    console.print(f"[dim]started a private redis-server on 127.0.0.1:{port} (data in {directory})[/]")
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def demo_config(redis_url: str) -> Path:
     secrets_dir = (DEMO_DIR / "secrets").resolve()
     lines = [f'redis_url = "{redis_url}"', f'namespace = "{NAMESPACE}"',
@@ -125,7 +100,8 @@ def run_demo(keep: bool, started: float) -> int:
     redis_process = None
     redis_url = base_redis_url()
     if not redis_answers(redis_url):
-        redis_process, redis_url = start_private_redis(DEMO_DIR / "redis", console)
+        redis_process, redis_url = start_private_redis(DEMO_DIR / "redis")
+        console.print(f"[dim]started a private redis-server at {redis_url} (data in {DEMO_DIR / 'redis'})[/]")
     config = demo_config(redis_url)
     # The demo is its own world: its config, not the caller's FLEET_* overrides.
     for name in [n for n in os.environ if n.startswith("FLEET_")]:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class State(StrEnum):
@@ -56,6 +56,8 @@ class TaskRecord(BaseModel):
     finished_at: str | None = None
     retry_at: str | None = None  # when a `retrying` task is due to run again
     key: str | None = None
+    # Bumped by every state change: a write computed from an older read is refused.
+    revision: int = Field(default=0, exclude=True)
 
 
 def now_iso(later_s: float = 0.0) -> str:

@@ -1,8 +1,10 @@
 """Task state in Redis: records, their event streams and the indexes.
 
-Every state change is one WATCH/MULTI transaction that checks the state it
-moves from, so a finished task never goes back to running and two writers
-cannot both move one task. Keys come from `fleet.keys` only."""
+Every state change is checked against the record it moves from and written
+in one step only if the record is still at that revision (a Lua script;
+reclaiming a lost attempt is a WATCH/MULTI transaction), so a finished task
+never goes back to running and two writers cannot both move one task. Keys
+come from `fleet.keys` only."""
 
 from __future__ import annotations
 
@@ -55,7 +57,24 @@ if redis.call('hget', KEYS[1], 'state') == '"retrying"' then return 'retrying' e
 redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 return false
 """
-RECORD_FIELDS = tuple(TaskRecord.model_fields)
+# Apply a transition's writes only if the record is still at the revision
+# they were computed from: optimistic concurrency in one round trip instead
+# of WATCH, HGETALL, MULTI/EXEC. KEYS: task; ARGV: revision, then each
+# command as its word count and its words. 1: applied; 0: the record changed
+# (read it again); -1: it is gone.
+APPLY_AT_REVISION = """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+if (redis.call('hget', KEYS[1], 'revision') or '0') ~= ARGV[1] then return 0 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+# `revision` is kept as a plain counter beside the JSON-encoded fields.
+RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
 # Which state each state may move to; anything else is refused.
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -107,6 +126,7 @@ class TaskStore:
         self._renew = client.register_script(RENEW_LEASE)
         self._release = client.register_script(RELEASE_LEASE)
         self._fenced_xadd = client.register_script(FENCED_XADD)
+        self._apply_at_revision = client.register_script(APPLY_AT_REVISION)
 
     # -- reading -------------------------------------------------------------
 
@@ -116,12 +136,13 @@ class TaskStore:
             raise TaskNotFound(task_id)
         return decode_record(raw)
 
-    def payload(self, task_id: str) -> dict[str, Any]:
-        raw = self._call(self.redis.hget, self.keys.task(task_id), "payload")
-        if raw is None:
+    def get_with_payload(self, task_id: str) -> tuple[TaskRecord, dict[str, Any]]:
+        """The record and its payload, in one read."""
+        raw = self._call(self.redis.hgetall, self.keys.task(task_id))
+        if not raw:
             raise TaskNotFound(task_id)
-        value: dict[str, Any] = json.loads(raw)
-        return value
+        payload: dict[str, Any] = json.loads(raw.get("payload", "{}"))
+        return decode_record(raw), payload
 
     def list_tasks(self, agent: str | None = None, state: State | None = None,
                    limit: int = 1000) -> list[TaskRecord]:
@@ -195,16 +216,22 @@ class TaskStore:
         """Block on the task's event stream until it is final; None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         cursor = self.last_event_id(task_id)
+        may_be_final = True
         while True:
-            record = self.get(task_id)
-            if record.state.final:
-                return record
+            if may_be_final:
+                record = self.get(task_id)
+                if record.state.final:
+                    return record
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return None
             block = 5000 if remaining is None else max(1, min(5000, int(remaining * 1000)))
-            for event in self.events(task_id, after=cursor, block_ms=block):
-                cursor = event.id
+            events = self.events(task_id, after=cursor, block_ms=block)
+            cursor = events[-1].id if events else cursor
+            # Read the record again only when it may have become final (or
+            # after a quiet spell): output and `running` events do not end it.
+            may_be_final = not events or any(
+                e.type == "state" and State(e.fields["state"]).final for e in events)
 
     # -- writing -------------------------------------------------------------
 
@@ -236,35 +263,59 @@ class TaskStore:
     def transition(self, task_id: str, to: State, *,
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
                    epoch: int | None = None, lease: tuple[str, int] | None = None,
-                   **fields: Any) -> TaskRecord:
+                   current: TaskRecord | None = None, **fields: Any) -> TaskRecord:
         """Move a task to `to`, checking the move is allowed, and set fields.
 
-        `update` computes fields from the current record inside the
-        transaction (e.g. attempts + 1). `epoch` fences the write: it is
-        refused unless the task is still on that attempt, so a consumer that
-        lost its lease (a partition, a pause) cannot overwrite the attempt
-        that took over. `lease` (owner, ms) sets the attempt's lease in the
-        same transaction. Raises StaleTransition if refused."""
-        key = self.keys.task(task_id)
-        result: list[TaskRecord] = []
+        `update` computes fields from the current record (e.g. attempts + 1).
+        `epoch` fences the write: it is refused unless the task is still on
+        that attempt, so a consumer that lost its lease (a partition, a
+        pause) cannot overwrite the attempt that took over. `lease` (owner,
+        ms) sets the attempt's lease in the same write. `current` is the
+        caller's fresh read of the record, which saves reading it again.
 
-        def apply(pipe: Pipeline) -> None:
-            raw: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
-            if not raw:
+        The writes apply only if the record is still at the revision they
+        were computed from (one Lua call); if it changed meanwhile, the
+        record is read again and the move checked again. Raises
+        StaleTransition if refused."""
+        key = self.keys.task(task_id)
+        trusted = current is None  # a caller's copy is re-checked on a fresh read before refusing
+        while True:
+            if current is None:
+                current = self.get(task_id)
+            try:
+                record, commands = self._transition_writes(current, to, update, epoch, lease, fields)
+            except StaleTransition:
+                if trusted:
+                    raise
+                current, trusted = None, True
+                continue
+            applied = self._call(self._apply_at_revision, [key], [current.revision, *commands])
+            if applied == 1:
+                return record
+            if applied == -1:
                 raise TaskNotFound(task_id)
-            current = decode_record(raw)
-            if to not in TRANSITIONS[current.state]:
-                raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
-            if epoch is not None and current.attempts != epoch:
-                raise StaleTransition(f"task {task_id} is on attempt {current.attempts}; "
-                                      f"a write of attempt {epoch} is stale")
-            changes = {**fields, **(update(current) if update else {}), "state": to}
-            record = current.model_copy(update=changes)
-            now = time.time()
-            pipe.multi()
+            current, trusted = None, True  # changed since it was read
+
+    def _transition_writes(self, current: TaskRecord, to: State,
+                           update: Callable[[TaskRecord], dict[str, Any]] | None, epoch: int | None,
+                           lease: tuple[str, int] | None,
+                           fields: dict[str, Any]) -> tuple[TaskRecord, list[str]]:
+        """The record after the move and the commands that write it."""
+        task_id = current.id
+        if to not in TRANSITIONS[current.state]:
+            raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
+        if epoch is not None and current.attempts != epoch:
+            raise StaleTransition(f"task {task_id} is on attempt {current.attempts}; "
+                                  f"a write of attempt {epoch} is stale")
+        changes = {**fields, **(update(current) if update else {}), "state": to,
+                   "revision": current.revision + 1}
+        record = current.model_copy(update=changes)
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:  # collects the commands, sends nothing
             if lease is not None:
                 pipe.set(self.keys.lease(task_id), f"{lease[0]}|{record.attempts}", px=lease[1])
-            pipe.hset(key, mapping=encode_record(record))
+            pipe.hset(self.keys.task(task_id), mapping=encode_record(record))
+            pipe.hincrby(self.keys.task(task_id), "revision", 1)
             pipe.zrem(self.keys.by_state(current.state), task_id)
             pipe.zadd(self.keys.by_state(to), {task_id: now})
             event: dict[Any, Any] = {"type": "state", "state": str(to),
@@ -276,10 +327,8 @@ class TaskStore:
                 pipe.delete(self.keys.lease(task_id))
             if to in FINAL_STATES:
                 self._expire_finished(pipe, record, now)
-            result.append(record)
-
-        self._call(self.redis.transaction, apply, key)
-        return result[-1]
+            commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
+        return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
 
     # -- leases ----------------------------------------------------------------
 
@@ -293,21 +342,22 @@ class TaskStore:
         whose lease expired was lost and is taken over: that attempt is
         recorded `lost` and the next one starts here.
 
-        `record` is the caller's fresh read; the transaction re-checks it
-        (the epoch), so a change since is refused rather than overwritten."""
-        task_id = record.id
-        if record.state == State.RUNNING:
+        `record` is the caller's fresh read; the write applies only at its
+        revision, so a change since is read and checked again (the epoch),
+        never overwritten."""
+        task_id, current = record.id, record
+        if record.state == State.RUNNING:  # its attempt may have been lost: take it over
             if self.lease_owner(task_id) is not None:
                 raise LeaseHeld(f"task {task_id} attempt {record.attempts} runs under a live lease")
             if self.reclaim(task_id) is None:
                 raise LeaseHeld(f"task {task_id} was taken over meanwhile")
-            attempt = None
+            attempt, current = None, self.get(task_id)
         elif attempt is not None and record.attempts >= attempt:
             raise StaleTransition(f"task {task_id}: attempt {attempt} has already started")
         return self.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
                                epoch=record.attempts if attempt is None else attempt - 1,
-                               lease=(owner, ttl_ms), error=None, exit_code=None, retry_at=None,
-                               started_at=now_iso(), **fields)
+                               lease=(owner, ttl_ms), current=current, error=None, exit_code=None,
+                               retry_at=None, started_at=now_iso(), **fields)
 
     def reclaim(self, task_id: str) -> TaskRecord | None:
         """A running task whose lease expired: record the attempt `lost` and
@@ -328,6 +378,7 @@ class TaskStore:
                                                 "retry_at": now_iso()})
             pipe.multi()
             pipe.hset(key, mapping=encode_record(record))
+            pipe.hincrby(key, "revision", 1)
             pipe.zrem(self.keys.by_state(State.RUNNING), task_id)
             pipe.zadd(self.keys.by_state(State.RETRYING), {task_id: time.time()})
             entry: dict[Any, Any] = {"type": "state", "state": str(State.RETRYING),
@@ -405,7 +456,8 @@ def encode_record(record: TaskRecord) -> dict[str, str]:
 
 def decode_record(raw: dict[str, str]) -> TaskRecord:
     return TaskRecord.model_validate(
-        {name: json.loads(raw[name]) for name in RECORD_FIELDS if name in raw}
+        {**{name: json.loads(raw[name]) for name in RECORD_FIELDS if name in raw},
+         "revision": int(raw.get("revision", 0))}
     )
 
 

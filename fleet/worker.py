@@ -7,6 +7,7 @@ Run as `python -m fleet.worker AGENT` to be one agent's consumer."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from fleet.settings import FleetSettings, load_settings
 log = logging.getLogger("fleet.worker")
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def serve_agent(settings: FleetSettings, agent: str) -> int:
@@ -55,6 +57,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     # The consumer drives the Docker engine, which is root-equivalent anyway;
     # Celery's warning about running as root says nothing new here.
     warnings.filterwarnings("ignore", category=SecurityWarning)
+    end_with_parent()
     spec = settings.agent(agent)
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -116,6 +119,18 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     worker.start()
     housekeeper.stop()
     return int(worker.exitcode or 0)
+
+
+def end_with_parent() -> None:
+    """A consumer whose `fleet worker` died (SIGKILL, OOM) gets SIGTERM — a
+    warm shutdown that hands its tasks back — rather than run on unseen: its
+    host no longer beats, so it is shown lost and its tasks are taken over."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Children:

@@ -29,6 +29,7 @@ install_missing_packages() {
   engine_answers || command -v dockerd >/dev/null || missing+=(docker.io)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v ip >/dev/null || missing+=(iproute2)  # the simulated hosts of tests/hosts
   command -v docker-compose >/dev/null || missing+=(docker-compose)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
   [ ${#missing[@]} -eq 0 ] && return 0

@@ -41,6 +41,7 @@ class ContainerManager:
         self._changed = threading.Condition()
         self._in_use: Counter[str] = Counter()
         self._verified: dict[str, tuple[Container, float]] = {}
+        self._specs: dict[str, ContainerSpec] = {}  # settings are frozen: an agent's spec never changes
 
     @contextmanager
     def use(self, agent: str, connected: Callable[[Container], bool] | None = None) -> Iterator[Container]:
@@ -50,7 +51,7 @@ class ContainerManager:
         this process is using it; until then the caller waits. A container
         checked less than RECHECK_S ago, to which the forwarder still holds a
         live connection (`connected`), is taken without asking the engine."""
-        spec = build_spec(self.settings, agent)
+        spec = self._specs.get(agent) or self._specs.setdefault(agent, build_spec(self.settings, agent))
         with self._changed:
             while True:
                 cached, checked_at = self._verified.get(agent, (None, 0.0))

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import docker
 import pytest
 from simhosts import SimulatedNetwork
-from support import Fleet, MakeFleet, overlapping, read_runs, wait_for_state
+from support import Fleet, MakeFleet, child_pids, overlapping, read_runs, wait_for_state
 
 from fleet.container.spec import build_spec
 from fleet.record import ErrorKind, State
@@ -45,6 +45,14 @@ def eventually(check: Callable[[], T | None], what: str, timeout: float = 30) ->
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def host_states(fleet: Fleet) -> dict[str, dict[str, Any]]:
@@ -99,10 +107,16 @@ def test_tasks_spread_over_three_hosts_and_a_killed_host_shows_lost(
     assert min(per_host.values()) >= 3, per_host
 
     victim = workers["h3"]
+    consumers = child_pids(victim.process.pid)
+    assert consumers
     killed_at = time.monotonic()
-    os.killpg(victim.process.pid, signal.SIGKILL)  # the worker and its consumers: no goodbye
+    os.kill(victim.process.pid, signal.SIGKILL)  # `fleet worker` dies without a goodbye
     eventually(in_state(fleet, "h3", "lost"), "h3 shown lost", timeout=15)
     print(f"h3 shown lost {time.monotonic() - killed_at:.1f} s after its worker was killed")
+    # Its consumers do not run on unseen: they get SIGTERM when it dies.
+    assert victim.process.wait(timeout=10) == -signal.SIGKILL
+    eventually(lambda: True if not any(map(alive, consumers)) else None, "h3's consumers to exit",
+               timeout=30)
     hosts = host_states(fleet)
     assert (hosts["h1"]["state"], hosts["h2"]["state"]) == ("up", "up")
     agents = json.loads(fleet.cli("agents", "--json").stdout)

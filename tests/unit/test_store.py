@@ -21,7 +21,7 @@ def test_create_is_queued_and_indexed(store: TaskStore) -> None:
     assert created
     record = store.get(task_id)
     assert (record.state, record.agent, record.attempts) == (State.QUEUED, "dev", 0)
-    assert store.payload(task_id) == {"echo": "hi"}
+    assert store.get_with_payload(task_id)[1] == {"echo": "hi"}
     assert [r.id for r in store.list_tasks(agent="dev")] == [task_id]
     assert [r.id for r in store.list_tasks(state=State.QUEUED)] == [task_id]
     assert store.list_tasks(agent="boss") == []
@@ -31,7 +31,7 @@ def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
     first, created = store.create("dev", {}, key="k1")
     again, created_again = store.create("dev", {"other": 1}, key="k1")
     assert created and not created_again and again == first
-    assert store.payload(first) == {}
+    assert store.get_with_payload(first)[1] == {}
     assert len(store.list_tasks(agent="dev")) == 1
 
 
@@ -156,3 +156,23 @@ def test_recorder_drops_output_once_refused(store: TaskStore) -> None:
     out.flush()  # nothing waits: refused output is dropped, not kept for later
     assert out.refused
     assert [e.fields["data"] for e in store.output(task_id)] == ["one\n"]
+
+
+def test_a_transition_from_a_stale_read_is_checked_again_not_applied(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    stale = store.get(task_id)
+    assert stale.revision == 0
+    store.transition(task_id, State.CANCELLED)  # someone else moves it meanwhile
+    with pytest.raises(StaleTransition, match="is cancelled, cannot become running"):
+        store.transition(task_id, State.RUNNING, current=stale)
+    record = store.get(task_id)
+    assert (record.state, record.revision) == (State.CANCELLED, 1)
+    assert "revision" not in record.model_dump()  # not part of the contract's record
+
+
+def test_a_transition_from_the_current_read_applies_in_one_write(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    current = store.get(task_id)
+    moved = store.transition(task_id, State.RUNNING, current=current, update=lambda r: {"attempts": 1})
+    assert (moved.state, moved.attempts, moved.revision) == (State.RUNNING, 1, 1)
+    assert store.get(task_id) == moved
