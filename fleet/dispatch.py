@@ -3,8 +3,10 @@ task name, so a publisher never imports consumer code."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -93,6 +95,20 @@ def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str, atte
     # declares it, so a pinned queue exists before its host first consumes it.
     app.send_task(TASK_NAME, args=[task_id], kwargs={"agent": agent, "attempt": attempt},
                   task_id=task_id, queue=queue, countdown=countdown)  # type: ignore[arg-type]
+
+
+def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
+    """The ids of the tasks whose messages wait in these queues or have been
+    delivered and not yet acknowledged (kombu's Redis layout: a list per
+    queue, one `unacked` hash for all)."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.lrange(keys.queue(queue), 0, -1)
+        pipe.hvals(keys.unacked)
+        *waiting, delivered = pipe.execute()
+    messages = [json.loads(raw) for batch in waiting for raw in batch]
+    messages += [json.loads(raw)[0] for raw in delivered]  # [message, exchange, routing key]
+    return {str(m.get("headers", {}).get("id")) for m in messages}
 
 
 def republish(app: Celery, settings: FleetSettings, record: TaskRecord, attempt: int,

@@ -14,7 +14,9 @@ lease TTL, it:
     published again (to its pinned host's queue if it has one). A `retrying`
     task long past its due time lost its delayed message with a dead
     consumer; it is published again (a duplicate is dropped by the attempt
-    check);
+    check). A `queued` task whose message has been in no queue and with no
+    consumer for `lost_message_after_s` (lost with a failed-over Redis
+    primary, a flushed queue) is published again, by one consumer;
   - watches consumption: a process that is idle, not paused, while its
     queue has messages has stopped consuming (celery#8030, #10205 after a
     Redis reconnect) and exits, so `fleet worker` restarts it.
@@ -36,10 +38,11 @@ from datetime import UTC, datetime
 import redis
 
 from fleet.consumption import ConsumptionControl
-from fleet.dispatch import Republish
+from fleet.dispatch import Republish, published_task_ids
 from fleet.errors import FleetError
 from fleet.hosts import HostRegistry
 from fleet.record import State
+from fleet.routing import queue_name
 from fleet.running import CANCELLED, LEASE_LOST, RunningTasks
 from fleet.store import TaskStore
 
@@ -54,7 +57,8 @@ FENCE_AT = 5 / 6  # of the lease TTL without a renewal: end the run before the l
 class Housekeeper:
     def __init__(self, store: TaskStore, registry: HostRegistry, agent: str, owner: str,
                  lease_ttl_s: float, running: RunningTasks, control: ConsumptionControl,
-                 republish: Republish, queue_depth: Callable[[], int]) -> None:
+                 republish: Republish, queue_depth: Callable[[], int],
+                 lost_message_after_s: float) -> None:
         self.store = store
         self.registry = registry
         self.agent = agent
@@ -68,6 +72,8 @@ class Housekeeper:
         self.control = control
         self.republish = republish
         self.queue_depth = queue_depth
+        self.lost_message_after_s = lost_message_after_s
+        self.next_lost_message_check = 0.0
         self.idle_since: float | None = None
         self._stopped = threading.Event()
 
@@ -155,6 +161,26 @@ class Housekeeper:
                 self.republish(record, record.attempts + 1, 0.0)
                 self.store.transition(record.id, State.RETRYING, epoch=record.attempts,
                                       retry_at=datetime.fromtimestamp(now, UTC).isoformat())
+        if time.monotonic() >= self.next_lost_message_check:
+            self.next_lost_message_check = time.monotonic() + self.lost_message_after_s / 2
+            self.republish_lost_messages(now)
+
+    def republish_lost_messages(self, now: float) -> None:
+        waiting = self.store.queued_before(self.agent, now - self.lost_message_after_s)
+        if not waiting:
+            return
+        queues = sorted({queue_name(self.store.keys.namespace, self.agent, r.pinned_host) for r in waiting})
+        published = published_task_ids(self.store.redis, self.store.keys, queues)
+        for record in waiting:
+            if record.id in published or not self.store.take_republish_turn(
+                    record.id, self.lost_message_after_s):
+                continue
+            if self.store.get(record.id).state != State.QUEUED:  # it ran meanwhile
+                continue
+            log.warning("task %s: queued for over %.0f s and its message is in no queue and with no "
+                        "consumer: publishing it again", record.id, self.lost_message_after_s)
+            self.store.add_event(record.id, "message_republished", reason="lost")
+            self.republish(record, record.attempts + 1, 0.0)
 
     def watch_consumption(self, held: bool) -> None:
         if held or len(self.running) or self.queue_depth() == 0:

@@ -6,6 +6,7 @@
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
     {ns}:lease:{id}             string "<owner>|<attempt>" while an attempt runs; expires unless renewed
+    {ns}:republishing:{id}      string a consumer is publishing a lost message of a queued task again
     {ns}:alerts                 stream credential failures, breaker openings and closings, capped
     {ns}:agent:{agent}:paused   hash   the agent's circuit breaker is open: reason, token, since
     {ns}:agent:{agent}:credential-failures  string  consecutive credential failures
@@ -44,6 +45,9 @@ class Keys:
     def lease(self, task_id: str) -> str:
         return f"{self.namespace}:lease:{task_id}"
 
+    def republishing(self, task_id: str) -> str:
+        return f"{self.namespace}:republishing:{task_id}"
+
     def idempotency(self, key: str) -> str:
         return f"{self.namespace}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
@@ -79,3 +83,8 @@ class Keys:
     def queue(self, queue_name: str) -> str:
         """The Redis list kombu keeps a queue's messages in."""
         return f"{self.broker_prefix}{queue_name}"
+
+    @property
+    def unacked(self) -> str:
+        """The hash kombu keeps delivered, not yet acknowledged messages in."""
+        return f"{self.broker_prefix}unacked"

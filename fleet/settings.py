@@ -197,6 +197,9 @@ class FleetSettings(BaseSettings):
     kill_grace_s: float = Field(5.0, ge=0)  # SIGTERM → SIGKILL when fleet ends a task
     shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM to a worker: running tasks may finish this long
     heartbeat_s: float = Field(5.0, gt=0, le=300)  # a host's heartbeat; lost after three are missed
+    # A queued task whose message is in no queue and delivered to no consumer
+    # (lost with a failed-over Redis primary, say) this long is published again.
+    lost_message_after_s: float = Field(300.0, ge=1)
     # How jobs get into containers: "channel" (a supervisor per container on
     # one long-lived exec session) or "exec" (one `docker exec` per task).
     forwarding: Literal["channel", "exec"] = "channel"

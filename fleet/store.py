@@ -170,6 +170,22 @@ class TaskStore:
             records.append(record)
         return records
 
+    def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
+        """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
+        ids = self._call(self.redis.zrangebyscore, self.keys.by_state(State.QUEUED), 0, before)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+            rows = self._call(pipe.execute)
+        return [record for record in map(decode_record, filter(None, rows))
+                if record.agent == agent and record.state == State.QUEUED]
+
+    def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
+        """Whether this consumer is the one to publish a lost message again:
+        the first to take a mark that lasts `hold_s`."""
+        return bool(self._call(self.redis.set, self.keys.republishing(task_id), "1", nx=True,
+                               px=int(hold_s * 1000)))
+
     def _all_ids(self, limit: int) -> list[str]:
         ids: dict[str, float] = {}
         for state in State:

@@ -87,7 +87,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
                                       credentials, control.held_back, owner))
     housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
-                              publish_again, queue_depth)
+                              publish_again, queue_depth, settings.lost_message_after_s)
 
     def hand_back() -> None:
         for task in running.all():

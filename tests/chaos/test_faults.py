@@ -5,6 +5,7 @@ every run in its /state volume; overlaps are checked from there."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -26,6 +27,7 @@ from support import (
 
 from fleet.container.spec import build_spec
 from fleet.record import ErrorKind, State
+from fleet.routing import queue_name
 
 
 def container(fleet: Fleet, docker_client: docker.DockerClient, agent: str = "dev") -> Any:
@@ -190,3 +192,21 @@ def test_sigterm_lets_a_task_finish_or_hands_it_back(make_fleet: MakeFleet, grac
     fleet.start_worker()
     record = client.wait(task_id, 60)
     assert (record.state, record.attempts) == (State.SUCCEEDED, 2)
+
+
+def test_a_queued_task_whose_message_was_lost_is_published_again_once(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}}, lost_message_after_s=1)
+    client = fleet.client()
+    lost = client.submit("dev", {"echo": "lost"})
+    kept = [client.submit("dev", {"echo": n}) for n in range(3)]
+    # Its message vanishes, as a write does with a primary that died before replicating it.
+    queue = client.store.keys.queue(queue_name(fleet.settings.namespace, "dev"))
+    raw = next(m for m in client.store.redis.lrange(queue, 0, -1) if json.loads(m)["headers"]["id"] == lost)
+    assert client.store.redis.lrem(queue, 1, raw) == 1
+    fleet.start_worker()
+    fleet.start_worker()  # two consumers: only one publishes it again
+    records = [client.wait(task_id, 60) for task_id in [lost, *kept]]
+    assert [(r.state, r.attempts) for r in records] == [(State.SUCCEEDED, 1)] * 4
+    republished = [e for e in client.store.events(lost) if e.type == "message_republished"]
+    assert len(republished) == 1
+    assert not any(e.type == "message_republished" for t in kept for e in client.store.events(t))
