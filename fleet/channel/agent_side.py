@@ -1,7 +1,7 @@
 """Runs INSIDE an agent's container, as the agent's user, with nothing but
 Python's standard library (its source is passed to `python3 -c`).
 
-    python3 -c SOURCE supervise GRACE  the supervisor: JSON lines on stdin/stdout
+    python3 -c SOURCE supervise GRACE KEEPALIVE  the supervisor: JSON lines on stdin/stdout
     python3 -c SOURCE kill ORDER     end one task's processes (docker exec fallback)
 
 The supervisor starts each task in its own session with exactly the
@@ -14,7 +14,12 @@ leaves a run going.
 
 Messages in:  {"op": "run", "id", "argv", "env", "cwd", "stdin": b64}
               {"op": "kill", "id", "grace", "ref", "spare": [ids] | null}
+It says it is alive every KEEPALIVE seconds, so an idle channel carries
+data (a proxy in front of the engine closes a silent connection) and a
+consumer can tell a hung or unreachable supervisor from a quiet one.
+
 Messages out: {"t": "ready", "pid"}
+              {"t": "alive"}
               {"t": "out", "id", "s": "stdout"|"stderr", "d": b64}
               {"t": "exit", "id", "code", "left"}
               {"t": "killed", "ref", "n"}
@@ -117,8 +122,9 @@ def reap_strays() -> None:
 class Supervisor:
     mains: ClassVar[set[int]] = set()  # the pids of the tasks' own processes
 
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, keepalive: float) -> None:
         self.grace = grace
+        self.keepalive = keepalive
         self.lock = threading.Lock()
         # Held while a task is being started and while strays are swept: a
         # child between fork and exec carries no mark yet and must not look
@@ -137,6 +143,7 @@ class Supervisor:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         self.send({"t": "ready", "pid": os.getpid()})
+        threading.Thread(target=self.keep_alive, daemon=True).start()
         for line in sys.stdin.buffer:
             message = json.loads(line)
             target = self.run if message["op"] == "run" else self.kill
@@ -145,6 +152,11 @@ class Supervisor:
         # children, the tasks' sessions and the strays re-parented to it),
         # SIGTERM first so a task can stop cleanly.
         end("", self.grace, [], {os.getpid()})
+
+    def keep_alive(self) -> None:
+        while True:
+            time.sleep(self.keepalive)
+            self.send({"t": "alive"})
 
     def run(self, message: dict[str, Any]) -> None:
         task_id = message["id"]
@@ -202,7 +214,7 @@ class Supervisor:
 
 def main() -> None:
     if sys.argv[1] == "supervise":
-        Supervisor(float(sys.argv[2])).serve()
+        Supervisor(float(sys.argv[2]), float(sys.argv[3])).serve()
     else:
         order = json.loads(sys.argv[2])
         spare = order["spare"] if order["sweep"] else None

@@ -17,6 +17,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
 from docker.models.containers import Container
@@ -30,18 +31,22 @@ from fleet.forward import AGENT_SIDE, ExitStatus, Job, OutputCallback
 log = logging.getLogger(__name__)
 
 KILL_REPLY_MARGIN_S = 30.0
+KEEPALIVE_S = 60.0  # the supervisor says it is alive this often
+SILENT_BEATS = 3  # a channel silent this many keepalives is dead (hung, or a half-open connection)
 CLOSED = object()
 
 
 class Channel:
-    def __init__(self, container: Container, user: str, grace_s: float) -> None:
+    def __init__(self, container: Container, user: str, grace_s: float,
+                 keepalive_s: float = KEEPALIVE_S) -> None:
         assert container.client is not None
         api = container.client.api
         self.container_id = container.id
         self.name = container.name
         with engine_errors(f"starting the supervisor in {container.name}"):
             exec_id = api.exec_create(container.id,
-                                      ["python3", "-c", AGENT_SIDE, "supervise", str(grace_s)],
+                                      ["python3", "-c", AGENT_SIDE, "supervise", str(grace_s),
+                                       str(keepalive_s)],
                                       stdin=True, stdout=True, stderr=True, user=user, workdir=HOME)
             self.sock = api.exec_start(exec_id["Id"], socket=True)
         self.raw: socket.socket = (self.sock._sock if hasattr(self.sock, "_sock")  # type: ignore[assignment]
@@ -52,10 +57,14 @@ class Channel:
         self.waiters: dict[str, queue.Queue[Any]] = {}
         self.refs = itertools.count()
         self.alive = True
+        self.keepalive_s = keepalive_s
+        self.heard_at = time.monotonic()  # when the supervisor last said anything
         self.ready: queue.Queue[Any] = queue.Queue()
         threading.Thread(target=self._read, name=f"channel-{self.name}", daemon=True).start()
-        if self.ready.get(timeout=30) is CLOSED:
+        ready = self.ready.get(timeout=30)
+        if ready is CLOSED:
             raise EngineError(f"the supervisor in {self.name} did not start")
+        self.supervisor_pid = int(ready["pid"])  # in the container's pid namespace
 
     def send(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message) + "\n").encode()
@@ -102,6 +111,12 @@ class Channel:
             raise EngineError(f"the supervisor in {self.name} went away")
         return int(reply["n"])
 
+    @property
+    def usable(self) -> bool:
+        """Open, and heard from lately: a supervisor silent for several
+        keepalives is hung or cut off, and the channel is given up."""
+        return self.alive and time.monotonic() - self.heard_at < SILENT_BEATS * self.keepalive_s
+
     def close(self) -> None:
         """Let go: the supervisor sees the end of its input and ends its tasks."""
         self.alive = False
@@ -116,6 +131,7 @@ class Channel:
                 if stream == STDERR:
                     log.warning("supervisor in %s: %s", self.name, data.decode(errors="replace").strip())
                     continue
+                self.heard_at = time.monotonic()
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
@@ -150,9 +166,10 @@ class ChannelForwarder:
     """The default forwarder: a channel per container, opened on first use
     and reopened when it breaks."""
 
-    def __init__(self, user: str, grace_s: float) -> None:
+    def __init__(self, user: str, grace_s: float, keepalive_s: float = KEEPALIVE_S) -> None:
         self.user = user
         self.grace_s = grace_s  # how long the supervisor lets tasks stop when the channel closes
+        self.keepalive_s = keepalive_s
         self.channels: dict[str, Channel] = {}
         self.lock = threading.Lock()
 
@@ -160,19 +177,22 @@ class ChannelForwarder:
         with self.lock:
             key = str(container.id)
             current = self.channels.get(key)
-            if current is not None and current.alive:
+            if current is not None and current.usable:
                 return current
             if current is not None:
+                if current.alive:
+                    log.warning("channel into %s silent for %.0f s: opening a new one", current.name,
+                                time.monotonic() - current.heard_at)
                 current.close()
             log.info("opening the channel into %s", container.name)
-            opened = Channel(container, self.user, self.grace_s)
+            opened = Channel(container, self.user, self.grace_s, self.keepalive_s)
             self.channels[key] = opened
             return opened
 
     def connected(self, container: Container) -> bool:
         with self.lock:
             current = self.channels.get(str(container.id))
-        return current is not None and current.alive
+        return current is not None and current.usable
 
     def run(self, container: Container, job: Job, on_output: OutputCallback) -> ExitStatus:
         return self.channel(container).run(job, on_output)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Callable
 
 import docker
 from support import MakeFleet, task_processes, wait_for_state
@@ -101,3 +103,32 @@ def test_a_supervisor_killed_from_outside_is_detected_and_the_task_retried(
     assert (record.state, record.attempts) == (State.SUCCEEDED, 2)
     crashes = [e.fields for e in client.store.events(task_id) if e.fields.get("error") == ErrorKind.CRASH]
     assert crashes, "the broken channel was not recorded as a crash"
+
+
+def test_an_idle_channel_keeps_talking_and_a_silent_one_is_replaced(
+        make_fleet: MakeFleet, docker_client: docker.DockerClient) -> None:
+    fleet = make_fleet({"dev": {}})
+    container = ContainerManager(docker_client, fleet.settings).ensure("dev")
+    forwarder = ChannelForwarder("10001", grace_s=1, keepalive_s=0.2)
+    first = forwarder.channel(container)
+    opened_at = first.heard_at
+    # Idle, it still carries data (a proxy in front of the engine drops silent connections).
+    assert until(lambda: first.heard_at > opened_at), "no keepalive from an idle supervisor"
+    assert forwarder.connected(container)
+    # A hung supervisor (or a half-open connection) goes silent: given up, a new channel serves.
+    stop = f"import os, signal; os.kill({first.supervisor_pid}, signal.SIGSTOP)"
+    assert container.exec_run(["python3", "-c", stop], user="10001").exit_code == 0
+    assert until(lambda: not forwarder.connected(container)), "a silent channel still counted as up"
+    status = forwarder.run(container, job("t-after", ["cat"], {"n": 1}), lambda stream, data: None)
+    assert status.code == 0
+    assert forwarder.channel(container) is not first
+
+
+def until(condition: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll a condition no event announces (the passing of keepalives)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
