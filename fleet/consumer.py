@@ -83,6 +83,10 @@ class TaskRunner:
         self.rng = random.Random()
 
     def run(self, task_id: str, attempt: int | None = None) -> None:
+        with self.running.handling():
+            self.handle(task_id, attempt)
+
+    def handle(self, task_id: str, attempt: int | None) -> None:
         try:
             record, payload = self.store.get_with_payload(task_id)
         except TaskNotFound:
@@ -97,25 +101,28 @@ class TaskRunner:
         try:
             with self.containers.use(record.agent, self.forwarder.connected) as container:
                 try:
+                    leased_at = time.monotonic()  # the lease runs from before the claim
                     record = self.store.claim(
                         record, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
                         host=self.settings.host, container=container.short_id)
                 except (StaleTransition, LeaseHeld) as refused:
                     log.info("not running task %s: %s", task_id, refused)
                     return
-                done = self.attempt(record, payload, spec, container)
+                done = self.attempt(record, payload, spec, container, leased_at)
         except EngineError as error:
             self.containers.invalidate(record.agent)
             self.engine_failed(task_id, error, spec)
             return
         if done.container_died:
             self.containers.invalidate(record.agent)
-
-        def outcome() -> None:
-            done.output.flush()
-            self.record_outcome(done, spec)
-
-        self.until_stored(done.record, outcome)
+        # Each step waits for Redis on its own, so a retried step does not
+        # repeat the side effects (alerts, breaker counts) of the one before.
+        self.until_stored(done.record, done.output.flush)
+        outcome: list[Outcome | None] = []
+        self.until_stored(done.record, lambda: outcome.append(self.decide_outcome(done, spec)))
+        if outcome and outcome[0] is not None:
+            decided = outcome[0]
+            self.until_stored(done.record, lambda: self.finish(done.record, decided, done.status))
 
     def until_stored(self, record: TaskRecord, write: Callable[[], object]) -> None:
         """Write an attempt's outcome, waiting for Redis while it is away. A
@@ -141,7 +148,7 @@ class TaskRunner:
             delay = min(delay * 2, 5.0)
 
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
-                container: Container) -> Attempt:
+                container: Container, leased_at: float) -> Attempt:
         job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
                   payload=json.dumps(payload).encode(),
                   command=list(spec.command), user=str(self.settings.agent_uid))
@@ -155,7 +162,7 @@ class TaskRunner:
         tokens_seen = fingerprints_of(tokens)
         output = OutputRecorder(self.store, record.id, record.attempts, self.settings.log_limit,
                                 present(tokens))
-        running = self.running.add(job, container, timeout_s=spec.timeout_s)
+        running = self.running.add(job, container, timeout_s=spec.timeout_s, renewed_at=leased_at)
         try:
             status = self.forwarder.run(container, job, output.write)
         finally:
@@ -174,7 +181,9 @@ class TaskRunner:
                 record.id, "leftover_processes_killed", epoch=record.attempts, processes=str(leftovers)))
         return Attempt(record, status, running, output, died, tokens_seen)
 
-    def record_outcome(self, done: Attempt, spec: AgentSpec) -> None:
+    def decide_outcome(self, done: Attempt, spec: AgentSpec) -> Outcome | None:
+        """What the attempt comes to, with its side effects (events, alerts,
+        the breaker); None if there is nothing to record (cancelled, taken over)."""
         record, reason = done.record, done.running.reason
         if reason == HANDBACK:
             error = TaskError(kind=ErrorKind.LOST, message="handed back at worker shutdown")
@@ -184,7 +193,7 @@ class TaskRunner:
             log.info("task %s attempt %d ended: %s", record.id, record.attempts, reason)
             self.store.add_event(record.id, "attempt_ended", epoch=record.attempts, reason=reason,
                                  attempt=str(record.attempts))
-            return
+            return None
         elif done.container_died:
             outcome = retry_or_fail(ErrorKind.CRASH, f"the container died under attempt "
                                     f"{record.attempts} (exit status {done.status.code})",
@@ -198,7 +207,7 @@ class TaskRunner:
                 outcome = self.credential_failed(record, outcome, done.tokens_seen, spec)
             elif outcome.state == State.SUCCEEDED:
                 self.credentials.breaker.succeeded(record.agent)
-        self.finish(record, outcome, done.status)
+        return outcome
 
     def credential_failed(self, record: TaskRecord, outcome: Outcome, seen: dict[str, str],
                           spec: AgentSpec) -> Outcome:
@@ -243,11 +252,15 @@ class TaskRunner:
         elif outcome.retry_in is not None:
             fields.update(retry_at=now_iso(later_s=outcome.retry_in))
         try:
+            # An attempt's own outcome applies only while it runs: not once
+            # it was declared lost (`retrying`) or cancelled.
             self.store.transition(record.id, outcome.state,
                                   epoch=record.attempts if epoch is None else epoch,
-                                  current=record if epoch is None else None, **fields)
+                                  current=record if epoch is None else None,
+                                  require=State.RUNNING if epoch is None else None, **fields)
         except StaleTransition as refused:  # cancelled while it ran, or taken over
-            log.info("outcome of task %s not recorded: %s", record.id, refused)
+            log.warning("task %s: outcome of attempt %d refused: %s", record.id, record.attempts,
+                        refused)
             return
         if outcome.state == State.RETRYING and outcome.retry_in is not None:
             self.store.add_event(record.id, "retry", delay=f"{outcome.retry_in:.3f}")

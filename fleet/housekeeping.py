@@ -3,8 +3,6 @@ tasks honest and notices what others left behind.
 
 On every notice of the control channel, and at least every third of the
 lease TTL, it:
-  - renews the leases of the tasks this process runs (a lease it cannot
-    renew was taken over: that run is ended, and its writes are fenced off);
   - ends tasks that were cancelled (a notice makes this immediate; the
     re-read catches a missed notice);
   - re-reads the agent's paused flag and its host's drain flag, and reports
@@ -21,10 +19,13 @@ lease TTL, it:
     queue has messages has stopped consuming (celery#8030, #10205 after a
     Redis reconnect) and exits, so `fleet worker` restarts it.
 
-A second thread fences this process off: a run whose lease it has not
-renewed for most of the TTL (Redis unreachable: a partition) is ended before
-the lease expires, so the attempt another host takes over never overlaps it.
-Whatever that run still writes carries its attempt and is refused."""
+A second thread keeps the leases: it renews those of the tasks this process
+runs every third of the TTL (a lease it cannot renew was taken over: that
+run is ended, and its writes are fenced off), and it fences this process
+off: a run whose lease it has not renewed for 5/6 of the TTL (Redis
+unreachable: a partition) is ended before the lease expires, so the attempt
+another host takes over never overlaps it. Whatever that run still writes
+carries its attempt and is refused."""
 
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ class Housekeeper:
         self.ttl_ms = int(lease_ttl_s * 1000)
         self.interval = lease_ttl_s / 3
         self.fence_after = lease_ttl_s * FENCE_AT
-        # SIGTERM first, but SIGKILL well before the lease can expire.
-        self.fence_grace = min(running.kill_grace_s, lease_ttl_s * (1 - FENCE_AT) / 2)
+        # Looked at every 1/24 of the TTL; SIGTERM, then SIGKILL 1/24 later:
+        # the run is over by 11/12 of the TTL, before the lease can expire.
+        self.fence_poll = lease_ttl_s * (1 - FENCE_AT) / 4
+        self.fence_grace = min(running.kill_grace_s, self.fence_poll)
         self.running = running
         self.control = control
         self.republish = republish
@@ -79,7 +82,7 @@ class Housekeeper:
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name=f"housekeeper-{self.agent}", daemon=True).start()
-        threading.Thread(target=self._fence_loop, name=f"fence-{self.agent}", daemon=True).start()
+        threading.Thread(target=self._lease_loop, name=f"leases-{self.agent}", daemon=True).start()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -100,9 +103,20 @@ class Housekeeper:
             except (redis.RedisError, FleetError) as error:
                 log.warning("housekeeper for %s: %s; retrying", self.agent, error)
                 self._stopped.wait(self.interval)
+            except Exception:  # a broker error while republishing, a record it cannot read, …
+                log.exception("housekeeper for %s failed; going on", self.agent)
+                self._stopped.wait(self.interval)
 
-    def _fence_loop(self) -> None:
-        while not self._stopped.wait(self.interval / 4):
+    def _lease_loop(self) -> None:
+        """Leases on a thread of their own: a slow sweep never delays a renewal."""
+        next_renewal = 0.0
+        while not self._stopped.wait(self.fence_poll):
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + self.interval
+                try:
+                    self.keep_leases()
+                except Exception as error:  # Redis away: the fence below decides
+                    log.warning("renewing leases of %s: %s", self.agent, error)
             self.fence()
 
     def fence(self) -> None:
@@ -122,14 +136,13 @@ class Housekeeper:
             self.report(self.control.held_back())
 
     def tick(self) -> None:
-        self.keep_leases()
         held = self.control.held_back()
         self.report(held)
         self.reap()
         self.watch_consumption(held is not None)
 
     def report(self, held: str | None) -> None:
-        self.registry.report(self.control.host, self.agent, len(self.running),
+        self.registry.report(self.control.host, self.agent, self.running.in_flight,
                              consuming=held is None and self.control.consuming)
 
     def keep_leases(self) -> None:
@@ -183,7 +196,7 @@ class Housekeeper:
             self.republish(record, record.attempts + 1, 0.0)
 
     def watch_consumption(self, held: bool) -> None:
-        if held or len(self.running) or self.queue_depth() == 0:
+        if held or self.running.in_flight or self.queue_depth() == 0:
             self.idle_since = None
             return
         self.idle_since = self.idle_since or time.monotonic()

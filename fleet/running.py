@@ -12,6 +12,8 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from docker.models.containers import Container
@@ -52,12 +54,27 @@ class RunningTasks:
         self._tasks: dict[str, RunningTask] = {}
         self._deadlines: list[tuple[float, int, str]] = []  # a heap of (monotonic, serial, task id)
         self._serials = itertools.count()
+        self.in_flight = 0  # messages being handled: from receipt until their outcome is stored
         self._lock = threading.Condition()
         threading.Thread(target=self._watch_deadlines, name="timeouts", daemon=True).start()
 
-    def add(self, job: Job, container: Container, timeout_s: float | None = None) -> RunningTask:
-        """A task starts; with `timeout_s`, it is ended (TIMEOUT) if still running then."""
-        task = RunningTask(job, container, serial=next(self._serials))
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """Count a message as in hand (a drained host is not drained while one is)."""
+        with self._lock:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def add(self, job: Job, container: Container, timeout_s: float | None = None,
+            renewed_at: float | None = None) -> RunningTask:
+        """A task starts; with `timeout_s`, it is ended (TIMEOUT) if still
+        running then. `renewed_at`: when its lease was taken (monotonic)."""
+        task = RunningTask(job, container, serial=next(self._serials),
+                           renewed_at=time.monotonic() if renewed_at is None else renewed_at)
         with self._lock:
             self._tasks[job.task_id] = task
             if timeout_s is not None:
@@ -79,9 +96,9 @@ class RunningTasks:
                 while not self._deadlines or self._deadlines[0][0] > time.monotonic():
                     self._lock.wait(self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
                 _, serial, task_id = heapq.heappop(self._deadlines)
-                current = self._is_current(task_id, serial)
-            if current:
-                self.end(task_id, TIMEOUT)
+                task = self._tasks.get(task_id)
+            if task is not None and task.serial == serial:  # not a later run of the same id
+                self._end(task, TIMEOUT, self.kill_grace_s)
 
     def remove(self, task_id: str) -> None:
         with self._lock:
@@ -91,19 +108,19 @@ class RunningTasks:
         with self._lock:
             return list(self._tasks.values())
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._tasks)
-
     def end(self, task_id: str, reason: str, grace_s: float | None = None) -> bool:
         """End a running task in the background; False if it is not running here."""
         with self._lock:
             task = self._tasks.get(task_id)
-        if task is None or not task.mark(reason):
+        if task is None:
             return False
-        grace = self.kill_grace_s if grace_s is None else grace_s
-        log.info("ending task %s (%s)", task_id, reason)
-        threading.Thread(target=self._kill, args=(task, grace), daemon=True).start()
+        return self._end(task, reason, self.kill_grace_s if grace_s is None else grace_s)
+
+    def _end(self, task: RunningTask, reason: str, grace_s: float) -> bool:
+        if not task.mark(reason):
+            return False
+        log.info("ending task %s (%s)", task.job.task_id, reason)
+        threading.Thread(target=self._kill, args=(task, grace_s), daemon=True).start()
         return True
 
     def _kill(self, task: RunningTask, grace_s: float) -> None:

@@ -59,13 +59,17 @@ return false
 """
 # Apply a transition's writes only if the record is still at the revision
 # they were computed from: optimistic concurrency in one round trip instead
-# of WATCH, HGETALL, MULTI/EXEC. KEYS: task; ARGV: revision, then each
-# command as its word count and its words. 1: applied; 0: the record changed
+# of WATCH, HGETALL, MULTI/EXEC. The state and attempt are compared too, so
+# a writer that does not count revisions is not overwritten either. KEYS:
+# task; ARGV: revision, state, attempts (JSON), then each command as its word
+# count and its words. 1: applied; 0: the record changed
 # (read it again); -1: it is gone.
 APPLY_AT_REVISION = """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
-if (redis.call('hget', KEYS[1], 'revision') or '0') ~= ARGV[1] then return 0 end
-local i = 2
+if (redis.call('hget', KEYS[1], 'revision') or '0') ~= ARGV[1]
+   or redis.call('hget', KEYS[1], 'state') ~= ARGV[2]
+   or redis.call('hget', KEYS[1], 'attempts') ~= ARGV[3] then return 0 end
+local i = 4
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -156,15 +160,10 @@ class TaskStore:
         ids = self._all_ids(limit) if index is None else self._call(
             self.redis.zrevrange, index, 0, limit - 1)
         records = []
-        with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hgetall(self.keys.task(task_id))
-            rows = self._call(pipe.execute)
-        for task_id, raw in zip(ids, rows, strict=True):
-            if not raw:
+        for task_id, record in zip(ids, self._records(ids), strict=True):
+            if record is None:
                 self._prune(task_id, index)
                 continue
-            record = decode_record(raw)
             if agent not in (None, record.agent) or state not in (None, record.state):
                 continue
             records.append(record)
@@ -173,12 +172,19 @@ class TaskStore:
     def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
         """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
         ids = self._call(self.redis.zrangebyscore, self.keys.by_state(State.QUEUED), 0, before)
+        return [record for record in self._records(ids)
+                if record is not None and record.agent == agent and record.state == State.QUEUED]
+
+    def _records(self, ids: list[str]) -> list[TaskRecord | None]:
+        """Records without their payloads (up to payload_limit each), in one round trip."""
+        fields = [*RECORD_FIELDS, "revision"]
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hgetall(self.keys.task(task_id))
+                pipe.hmget(self.keys.task(task_id), fields)
             rows = self._call(pipe.execute)
-        return [record for record in map(decode_record, filter(None, rows))
-                if record.agent == agent and record.state == State.QUEUED]
+        return [None if values[0] is None else decode_record(
+                    {f: v for f, v in zip(fields, values, strict=True) if v is not None})
+                for values in rows]
 
     def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
         """Whether this consumer is the one to publish a lost message again:
@@ -279,13 +285,15 @@ class TaskStore:
     def transition(self, task_id: str, to: State, *,
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
                    epoch: int | None = None, lease: tuple[str, int] | None = None,
-                   current: TaskRecord | None = None, **fields: Any) -> TaskRecord:
+                   current: TaskRecord | None = None, require: State | None = None,
+                   **fields: Any) -> TaskRecord:
         """Move a task to `to`, checking the move is allowed, and set fields.
 
         `update` computes fields from the current record (e.g. attempts + 1).
         `epoch` fences the write: it is refused unless the task is still on
         that attempt, so a consumer that lost its lease (a partition, a
-        pause) cannot overwrite the attempt that took over. `lease` (owner,
+        pause) cannot overwrite the attempt that took over; `require` refuses
+        it unless the task is in that state. `lease` (owner,
         ms) sets the attempt's lease in the same write. `current` is the
         caller's fresh read of the record, which saves reading it again.
 
@@ -299,13 +307,16 @@ class TaskStore:
             if current is None:
                 current = self.get(task_id)
             try:
+                if require is not None and current.state != require:
+                    raise StaleTransition(f"task {task_id} is {current.state}, no longer {require}")
                 record, commands = self._transition_writes(current, to, update, epoch, lease, fields)
             except StaleTransition:
                 if trusted:
                     raise
                 current, trusted = None, True
                 continue
-            applied = self._call(self._apply_at_revision, [key], [current.revision, *commands])
+            expected = [current.revision, json.dumps(current.state), json.dumps(current.attempts)]
+            applied = self._call(self._apply_at_revision, [key], [*expected, *commands])
             if applied == 1:
                 return record
             if applied == -1:
@@ -365,9 +376,10 @@ class TaskStore:
         if record.state == State.RUNNING:  # its attempt may have been lost: take it over
             if self.lease_owner(task_id) is not None:
                 raise LeaseHeld(f"task {task_id} attempt {record.attempts} runs under a live lease")
-            if self.reclaim(task_id) is None:
+            reclaimed = self.reclaim(task_id)
+            if reclaimed is None:
                 raise LeaseHeld(f"task {task_id} was taken over meanwhile")
-            attempt, current = None, self.get(task_id)
+            attempt, current, record = None, self.get(task_id), reclaimed
         elif attempt is not None and record.attempts >= attempt:
             raise StaleTransition(f"task {task_id}: attempt {attempt} has already started")
         return self.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},

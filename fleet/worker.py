@@ -49,6 +49,8 @@ log = logging.getLogger("fleet.worker")
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+STABLE_AFTER_S = 60.0  # a consumer up this long before it died restarts without backoff
 
 
 def serve_agent(settings: FleetSettings, agent: str) -> int:
@@ -57,7 +59,6 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     # The consumer drives the Docker engine, which is root-equivalent anyway;
     # Celery's warning about running as root says nothing new here.
     warnings.filterwarnings("ignore", category=SecurityWarning)
-    end_with_parent()
     spec = settings.agent(agent)
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -121,7 +122,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     return int(worker.exitcode or 0)
 
 
-def end_with_parent() -> None:
+def end_with_parent(parent: int) -> None:
     """A consumer whose `fleet worker` died (SIGKILL, OOM) gets SIGTERM — a
     warm shutdown that hands its tasks back — rather than run on unseen: its
     host no longer beats, so it is shown lost and its tasks are taken over."""
@@ -129,7 +130,7 @@ def end_with_parent() -> None:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the parent died before we asked
+    if os.getppid() != parent:  # it died before we asked (we were re-parented)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -145,13 +146,23 @@ class Children:
         self.agents = agents
         self.processes: dict[str, BaseProcess] = {}
         self.restarts: dict[str, int] = dict.fromkeys(agents, 0)
+        self.started_at: dict[str, float] = {}
         self.stopping = False
+        self.wake = threading.Event()  # set when told to stop
 
     def start(self, agent: str) -> None:
-        process = multiprocessing.get_context("fork").Process(
-            target=run_consumer, args=(self.settings, agent), name=f"consumer-{agent}")
-        process.start()
-        self.processes[agent] = process
+        # A SIGTERM between the fork and the bookkeeping would miss the new
+        # child: hold the signals back until it is on the books.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            process = multiprocessing.get_context("fork").Process(
+                target=run_consumer, args=(self.settings, agent, os.getpid(), previous),
+                name=f"consumer-{agent}")
+            process.start()
+            self.processes[agent] = process
+            self.started_at[agent] = time.monotonic()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def signal(self, signum: int) -> None:
         for child in self.processes.values():
@@ -168,24 +179,31 @@ class Children:
                 if self.stopping:
                     self.processes.pop(agent)
                     continue
+                if time.monotonic() - self.started_at[agent] > STABLE_AFTER_S:
+                    self.restarts[agent] = 0  # it had been running fine: a fresh failure
                 delay = RESTART_BACKOFF_S[min(self.restarts[agent], len(RESTART_BACKOFF_S) - 1)]
                 self.restarts[agent] += 1
                 log.error("consumer of %s exited with %s; restarting it in %d s", agent,
                           child.exitcode, delay)
-                time.sleep(delay)
+                self.wake.wait(delay)  # a stop cuts the wait short
+                if self.stopping:
+                    self.processes.pop(agent)
+                    continue
                 self.start(agent)
             if not self.processes:
                 return 0
             time.sleep(0.2)
 
 
-def run_consumer(settings: FleetSettings, agent: str) -> None:
+def run_consumer(settings: FleetSettings, agent: str, parent: int, mask: set[signal.Signals]) -> None:
     """The body of a forked consumer process."""
     # Its own session: a Ctrl-C reaches it once, through the parent. The
     # parent's signal handlers are not its own; Celery installs its own.
     os.setsid()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    end_with_parent(parent)
     sys.exit(serve_agent(settings, agent))
 
 
@@ -265,6 +283,7 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         children.stopping = True
+        children.wake.set()
         children.signal(signum)
 
     signal.signal(signal.SIGTERM, forward)

@@ -170,9 +170,25 @@ def test_a_transition_from_a_stale_read_is_checked_again_not_applied(store: Task
     assert "revision" not in record.model_dump()  # not part of the contract's record
 
 
-def test_a_transition_from_the_current_read_applies_in_one_write(store: TaskStore) -> None:
+def test_a_transition_from_the_current_read_applies_at_once(store: TaskStore) -> None:
     task_id, _ = store.create("dev", {})
     current = store.get(task_id)
     moved = store.transition(task_id, State.RUNNING, current=current, update=lambda r: {"attempts": 1})
     assert (moved.state, moved.attempts, moved.revision) == (State.RUNNING, 1, 1)
     assert store.get(task_id) == moved
+
+
+def test_an_attempts_outcome_is_refused_once_it_was_declared_lost(store: TaskStore) -> None:
+    task_id, _ = store.create("dev", {})
+    running = store.claim(store.get(task_id), 1, "a", 10_000)
+    store.redis.delete(store.keys.lease(task_id))
+    assert store.reclaim(task_id) is not None  # lost: retrying, same attempt number
+    with pytest.raises(StaleTransition, match="is retrying, no longer running"):
+        store.transition(task_id, State.FAILED, epoch=1, current=running, require=State.RUNNING)
+    assert store.get(task_id).state == State.RETRYING
+
+
+def test_only_one_consumer_takes_the_turn_to_republish(store: TaskStore) -> None:
+    assert store.take_republish_turn("t1", hold_s=60)
+    assert not store.take_republish_turn("t1", hold_s=60)
+    assert store.take_republish_turn("t2", hold_s=60)
