@@ -17,6 +17,8 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
+from functools import partial
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -50,6 +52,7 @@ log = logging.getLogger("fleet.worker")
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+HEARTBEAT = ":heartbeat"  # the heartbeat child's name beside the agents' (no agent name has a colon)
 STABLE_AFTER_S = 60.0  # a consumer up this long before it died restarts without backoff
 
 
@@ -135,17 +138,19 @@ def end_with_parent(parent: int) -> None:
 
 
 class Children:
-    """The consumer processes of this host, restarted when one dies.
+    """The consumer processes of this host and its heartbeat, restarted when
+    one dies.
 
     Each is forked from this process, which has imported everything a
     consumer needs: a consumer starts in a fraction of the CPU a fresh
     interpreter would take, and shares those pages with its siblings."""
 
-    def __init__(self, settings: FleetSettings, agents: list[str]) -> None:
+    def __init__(self, settings: FleetSettings, agents: list[str], heartbeat: Heartbeat) -> None:
         self.settings = settings
-        self.agents = agents
+        self.agents = [*agents, HEARTBEAT]
+        self.heartbeat = heartbeat
         self.processes: dict[str, BaseProcess] = {}
-        self.restarts: dict[str, int] = dict.fromkeys(agents, 0)
+        self.restarts: dict[str, int] = dict.fromkeys(self.agents, 0)
         self.started_at: dict[str, float] = {}
         self.stopping = False
         self.wake = threading.Event()  # set when told to stop
@@ -155,9 +160,10 @@ class Children:
         # child: hold the signals back until it is on the books.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
+            body: Callable[[], int | None] = (self.heartbeat.run if agent == HEARTBEAT
+                                               else partial(serve_agent, self.settings, agent))
             process = multiprocessing.get_context("fork").Process(
-                target=run_consumer, args=(self.settings, agent, os.getpid(), previous),
-                name=f"consumer-{agent}")
+                target=run_child, args=(body, os.getpid(), previous), name=f"fleet-{agent}")
             process.start()
             self.processes[agent] = process
             self.started_at[agent] = time.monotonic()
@@ -195,8 +201,8 @@ class Children:
             time.sleep(0.2)
 
 
-def run_consumer(settings: FleetSettings, agent: str, parent: int, mask: set[signal.Signals]) -> None:
-    """The body of a forked consumer process."""
+def run_child(body: Callable[[], int | None], parent: int, mask: set[signal.Signals]) -> None:
+    """A forked child of `fleet worker`: a consumer or the heartbeat."""
     # Its own session: a Ctrl-C reaches it once, through the parent. The
     # parent's signal handlers are not its own; Celery installs its own.
     os.setsid()
@@ -204,7 +210,7 @@ def run_consumer(settings: FleetSettings, agent: str, parent: int, mask: set[sig
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     end_with_parent(parent)
-    sys.exit(serve_agent(settings, agent))
+    sys.exit(body())
 
 
 def redis_timeouts(settings: FleetSettings) -> dict[str, Any]:
@@ -230,38 +236,40 @@ def agents_served(settings: FleetSettings, asked: list[str]) -> list[str]:
 
 class Heartbeat:
     """Registers this host in Redis and renews it every `heartbeat_s`, with
-    the containers fleet runs here; a failed beat is logged and retried."""
+    the containers fleet runs here. The first beat is the parent's own; the
+    renewals run in a child process of their own, so that the parent has no
+    thread when it forks a consumer (a lock a thread held at the fork would
+    stay held in the child)."""
 
-    def __init__(self, settings: FleetSettings, agents: list[str], manager: ContainerManager) -> None:
+    def __init__(self, settings: FleetSettings, agents: list[str]) -> None:
         self.settings = settings
-        self.manager = manager
-        self.registry = HostRegistry(connect_redis(settings, **redis_timeouts(settings)),
-                                     Keys(settings.namespace), settings.heartbeat_s)
         self.registration = Registration(
             host_id=settings.host, agents=agents, pid=os.getpid(), started_at=time.time(),
             slots={agent: settings.agents[agent].concurrency for agent in agents})
-        self._stopped = threading.Event()
 
-    def beat(self) -> None:
-        containers = {str(c.name): c.labels.get(LABEL_SPEC_HASH, "") for c in self.manager.containers()}
+    def registry(self) -> HostRegistry:
+        return HostRegistry(connect_redis(self.settings, **redis_timeouts(self.settings)),
+                            Keys(self.settings.namespace), self.settings.heartbeat_s)
+
+    def beat(self, registry: HostRegistry, manager: ContainerManager) -> None:
+        containers = {str(c.name): c.labels.get(LABEL_SPEC_HASH, "") for c in manager.containers()}
         self.registration = self.registration.model_copy(update={"containers": containers})
-        self.registry.beat(self.registration)
+        registry.beat(self.registration)
 
-    def start(self) -> None:
-        self.beat()  # registered before any consumer runs: a failure here stops the start
-        threading.Thread(target=self._loop, name="heartbeat", daemon=True).start()
-
-    def _loop(self) -> None:
-        while not self._stopped.wait(self.settings.heartbeat_s):
+    def run(self) -> None:
+        """Renew the registration until the process is told to stop; a
+        failed beat is logged and tried again at the next."""
+        registry, manager = self.registry(), ContainerManager(connect(), self.settings)
+        while True:
+            time.sleep(self.settings.heartbeat_s)
             try:
-                self.beat()
+                self.beat(registry, manager)
             except FleetError as error:
                 log.warning("heartbeat of host %s failed: %s", self.settings.host, error)
 
-    def stop(self) -> None:
-        self._stopped.set()
+    def stopped(self) -> None:
         try:
-            self.registry.stopped(self.registration)
+            self.registry().stopped(self.registration)
         except FleetError as error:
             log.warning("could not record host %s as stopped: %s", self.settings.host, error)
 
@@ -277,9 +285,9 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
         manager.image_id(image)
     for name in manager.remove_orphans():
         log.info("removed orphaned container %s", name)
-    heartbeat = Heartbeat(settings, agents, manager)
-    heartbeat.start()
-    children = Children(settings, agents)
+    heartbeat = Heartbeat(settings, agents)
+    heartbeat.beat(heartbeat.registry(), manager)  # registered before any consumer runs
+    children = Children(settings, agents, heartbeat)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         children.stopping = True
@@ -291,7 +299,7 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
     try:
         return children.supervise()
     finally:
-        heartbeat.stop()
+        heartbeat.stopped()
 
 
 def configure_logging() -> None:
