@@ -11,12 +11,12 @@ import redis
 
 from fleet.alerts import Alerts
 from fleet.breaker import Breaker
-from fleet.dispatch import make_celery, publish, republish
+from fleet.dispatch import make_celery, publish, republish, waiting_messages
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
 from fleet.hosts import HostRegistry
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.settings import FleetSettings, load_settings
-from fleet.store import TaskStore, connect_redis
+from fleet.store import TaskStore, connect_redis, redis_errors
 
 
 class FleetClient:
@@ -43,10 +43,7 @@ class FleetClient:
 
     def check_host(self, agent: str, host: str) -> None:
         """A task may be pinned only to a registered host that serves its agent."""
-        spec = self.settings.agent(agent)
-        if not spec.serves(host):
-            raise UsageError(f"agent {agent!r} may not run on host {host!r} "
-                             f"(its hosts: {', '.join(spec.hosts)})")
+        self.settings.check_serves(agent, host)
         served = self.hosts.get(host).registration.agents
         if agent not in served:
             raise UsageError(f"host {host!r} does not serve agent {agent!r} "
@@ -122,7 +119,6 @@ class FleetClient:
         from fleet.routing import queue_name
 
         hosts = [None, *(h.registration.host_id for h in self.hosts.all())]
-        with self.store.redis.pipeline(transaction=False) as pipe:
-            for host in hosts:
-                pipe.llen(self.store.keys.queue(queue_name(self.settings.namespace, agent, host)))
-            return sum(int(n) for n in self.store._call(pipe.execute))
+        queues = [queue_name(self.settings.namespace, agent, host) for host in hosts]
+        with redis_errors():
+            return waiting_messages(self.store.redis, self.store.keys, queues)

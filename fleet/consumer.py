@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -36,6 +36,8 @@ from fleet.store import TaskStore
 from fleet.tokens import TokenStore, fingerprints_of, present
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 OUTCOME_PATIENCE_S = 600.0  # how long a finished attempt's outcome waits for Redis
 
@@ -118,30 +120,28 @@ class TaskRunner:
         # Each step waits for Redis on its own, so a retried step does not
         # repeat the side effects (alerts, breaker counts) of the one before.
         self.until_stored(done.record, done.output.flush)
-        outcome: list[Outcome | None] = []
-        self.until_stored(done.record, lambda: outcome.append(self.decide_outcome(done, spec)))
-        if outcome and outcome[0] is not None:
-            decided = outcome[0]
+        decided = self.until_stored(done.record, lambda: self.decide_outcome(done, spec))
+        if decided is not None:
             self.until_stored(done.record, lambda: self.finish(done.record, decided, done.status))
 
-    def until_stored(self, record: TaskRecord, write: Callable[[], object]) -> None:
-        """Write an attempt's outcome, waiting for Redis while it is away. A
-        write refused as stale (the task was taken over) is logged, not retried."""
+    def until_stored(self, record: TaskRecord, write: Callable[[], T]) -> T | None:
+        """Write an attempt's outcome, waiting for Redis while it is away; what
+        `write` returned, or None if it never got through. A write refused as
+        stale (the task was taken over) is logged, not retried."""
         deadline, delay = time.monotonic() + OUTCOME_PATIENCE_S, 0.5
         while True:
             try:
-                write()
-                return
+                return write()
             except StaleTransition as refused:
                 log.warning("task %s: late write of attempt %d refused: %s", record.id,
                             record.attempts, refused)
-                return
+                return None
             except (StateStoreError, redis.RedisError) as error:
                 if time.monotonic() > deadline:
                     log.error("task %s: outcome of attempt %d not recorded, Redis away for %.0f s "
                               "(%s); its lease has expired and it will run again", record.id,
                               record.attempts, OUTCOME_PATIENCE_S, error)
-                    return
+                    return None
                 log.warning("task %s: outcome of attempt %d waits for Redis: %s", record.id,
                             record.attempts, error)
             time.sleep(delay)

@@ -97,6 +97,14 @@ def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str, atte
                   task_id=task_id, queue=queue, countdown=countdown)  # type: ignore[arg-type]
 
 
+def waiting_messages(client: redis.Redis, keys: Keys, queues: list[str]) -> int:
+    """How many messages wait in these queues (kombu's Redis lists)."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.llen(keys.queue(queue))
+        return sum(int(n) for n in pipe.execute())
+
+
 def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
     """The ids of the tasks whose messages wait in these queues or have been
     delivered and not yet acknowledged (kombu's Redis layout: a list per

@@ -11,30 +11,20 @@ the host shows `drained` once every consumer has said so."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from importlib.metadata import version
 
 import redis
 from pydantic import BaseModel, Field
 
-from fleet.errors import StateStoreError, UsageError
+from fleet.errors import UsageError
 from fleet.keys import Keys
+from fleet.store import redis_errors
 
 LOST_AFTER_BEATS = 3
 FORGET_AFTER_S = 24 * 3600  # a host's registration outlives its last heartbeat this long
 REGISTRATION = "registration"
 CONSUMER = "consumer:"
-
-
-@contextmanager
-def redis_errors() -> Iterator[None]:
-    """Redis failures as fleet's own one-line error."""
-    try:
-        yield
-    except redis.RedisError as error:
-        raise StateStoreError(f"Redis: {error}") from None
 
 
 class HostState(StrEnum):

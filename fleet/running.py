@@ -33,9 +33,9 @@ LEASE_LOST = "lease-lost"
 class RunningTask:
     job: Job
     container: Container
-    serial: int = 0
+    serial: int  # tells this run from a later run of the same task id
+    renewed_at: float  # the lease's last renewal (monotonic)
     reason: str | None = None
-    renewed_at: float = field(default_factory=time.monotonic)  # the lease's last renewal (monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def mark(self, reason: str) -> bool:
@@ -69,26 +69,23 @@ class RunningTasks:
             with self._lock:
                 self.in_flight -= 1
 
-    def add(self, job: Job, container: Container, timeout_s: float | None = None,
-            renewed_at: float | None = None) -> RunningTask:
-        """A task starts; with `timeout_s`, it is ended (TIMEOUT) if still
-        running then. `renewed_at`: when its lease was taken (monotonic)."""
-        task = RunningTask(job, container, serial=next(self._serials),
-                           renewed_at=time.monotonic() if renewed_at is None else renewed_at)
+    def add(self, job: Job, container: Container, timeout_s: float, renewed_at: float) -> RunningTask:
+        """A task starts; it is ended (TIMEOUT) if still running after
+        `timeout_s`. `renewed_at`: when its lease was taken (monotonic)."""
+        task = RunningTask(job, container, serial=next(self._serials), renewed_at=renewed_at)
         with self._lock:
             self._tasks[job.task_id] = task
-            if timeout_s is not None:
-                heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, task.serial, job.task_id))
-                if len(self._deadlines) > 2 * len(self._tasks) + 1000:  # mostly finished tasks
-                    self._deadlines = [d for d in self._deadlines if self._is_current(d[2], d[1])]
-                    heapq.heapify(self._deadlines)
-                self._lock.notify()
+            heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, task.serial, job.task_id))
+            if len(self._deadlines) > 2 * len(self._tasks) + 1000:  # mostly finished tasks
+                self._deadlines = [d for d in self._deadlines if self._run(d[2], d[1]) is not None]
+                heapq.heapify(self._deadlines)
+            self._lock.notify()
         return task
 
-    def _is_current(self, task_id: str, serial: int) -> bool:
-        """Still the same run (not finished, not a later run of that id)."""
+    def _run(self, task_id: str, serial: int) -> RunningTask | None:
+        """That very run, if it still goes on (not finished, not a later run of that id)."""
         task = self._tasks.get(task_id)
-        return task is not None and task.serial == serial
+        return task if task is not None and task.serial == serial else None
 
     def _watch_deadlines(self) -> None:
         while True:
@@ -96,8 +93,8 @@ class RunningTasks:
                 while not self._deadlines or self._deadlines[0][0] > time.monotonic():
                     self._lock.wait(self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
                 _, serial, task_id = heapq.heappop(self._deadlines)
-                task = self._tasks.get(task_id)
-            if task is not None and task.serial == serial:  # not a later run of the same id
+                task = self._run(task_id, serial)
+            if task is not None:
                 self._end(task, TIMEOUT, self.kill_grace_s)
 
     def remove(self, task_id: str) -> None:

@@ -229,6 +229,15 @@ class FleetSettings(BaseSettings):
         except KeyError:
             raise UnknownAgent(name, list(self.agents)) from None
 
+    def check_serves(self, agent: str, host: str) -> None:
+        """UsageError unless `agent` is configured and may run on `host`."""
+        from fleet.errors import UsageError
+
+        spec = self.agent(agent)
+        if not spec.serves(host):
+            raise UsageError(f"agent {agent!r} may not run on host {host!r} "
+                             f"(its hosts: {', '.join(spec.hosts)})")
+
 
 def describe_validation_error(error: ValidationError) -> str:
     """Pydantic's multi-line report → one line naming each bad key."""

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +136,11 @@ class TaskStore:
     # -- reading -------------------------------------------------------------
 
     def get(self, task_id: str) -> TaskRecord:
-        raw = self._call(self.redis.hgetall, self.keys.task(task_id))
-        if not raw:
+        """The record, without its payload."""
+        record = self._records([task_id])[0]
+        if record is None:
             raise TaskNotFound(task_id)
-        return decode_record(raw)
+        return record
 
     def get_with_payload(self, task_id: str) -> tuple[TaskRecord, dict[str, Any]]:
         """The record and its payload, in one read."""
@@ -471,10 +473,17 @@ class TaskStore:
                     yield event
 
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
+        with redis_errors():
             return method(*args, **kwargs)
-        except redis.RedisError as error:
-            raise StateStoreError(f"Redis: {error}") from None
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Redis failures as fleet's own one-line error."""
+    try:
+        yield
+    except redis.RedisError as error:
+        raise StateStoreError(f"Redis: {error}") from None
 
 
 def encode_record(record: TaskRecord) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """`fleet worker`: the consumers of this host. One child process per agent,
 each a Celery worker bound to that agent's queues with `concurrency` thread
-slots; the parent prepares the containers, removes orphans, keeps the
-host's heartbeat, forwards signals, restarts a child that dies, and exits
-when told to stop. Children are forked from the parent, which has imported
+slots, each making sure of its agent's container; the parent checks the
+images, removes orphans, registers the host (a child process renews the
+heartbeat), forwards signals, restarts a child that dies, and exits when
+told to stop. Children are forked from the parent, which has imported
 everything they need."""
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fleet.consumer import Credentials, TaskRunner, register_consumer
 from fleet.consumption import ConsumptionControl, install
 from fleet.container.manager import ContainerManager
 from fleet.container.spec import LABEL_SPEC_HASH
-from fleet.dispatch import make_celery, republish
+from fleet.dispatch import make_celery, republish, waiting_messages
 from fleet.engine import connect
 from fleet.errors import FleetError, UsageError
 from fleet.forward import ExecForwarder, Forwarder
@@ -82,10 +83,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         republish(app, settings, record, attempt, delay)
 
     def queue_depth() -> int:
-        with store.redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(store.keys.queue(queue))
-            return sum(int(n) for n in pipe.execute())
+        return waiting_messages(store.redis, store.keys, queues)
 
     credentials = Credentials(TokenStore(settings), breaker, alerts)
     register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
@@ -225,9 +223,7 @@ def agents_served(settings: FleetSettings, asked: list[str]) -> list[str]:
     configured and allowed on this host), or every agent allowed here."""
     host = settings.host
     for agent in asked:
-        if not settings.agent(agent).serves(host):
-            raise UsageError(f"agent {agent!r} may not run on host {host!r} "
-                             f"(its hosts: {', '.join(settings.agents[agent].hosts)})")
+        settings.check_serves(agent, host)
     served = asked or [name for name, spec in settings.agents.items() if spec.serves(host)]
     if not served:
         raise UsageError(f"no configured agent may run on host {host!r}")
