@@ -6,7 +6,7 @@ Usage: .venv/bin/python benchmarks/roundtrip.py [--tasks N] [--only PART | --ski
 
 import sys
 
-from fleet.cli import main
+from fleet.cli.main import main
 
 if __name__ == "__main__":
     main(["bench", *sys.argv[1:]])

@@ -1,22 +1,31 @@
-"""FleetClient: the orchestrator's side. It writes the task record and
-publishes by task name; it never imports consumer code."""
+"""FleetClient: the orchestrator's side (the publisher process). It writes
+the task record and publishes by task name; it never imports consumer code,
+and imports Celery only when it first publishes."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import kombu.exceptions
 import redis
 
-from fleet.alerts import Alerts
-from fleet.breaker import Breaker
-from fleet.dispatch import make_celery, publish, republish, waiting_messages
+from fleet.broker.queues import waiting_messages
+from fleet.broker.routing import queue_name
+from fleet.connection import connect_redis
+from fleet.credentials.alerts import Alerts
+from fleet.credentials.breaker import Breaker
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
-from fleet.hosts import HostRegistry
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.settings import FleetSettings, load_settings
-from fleet.store import TaskStore, connect_redis, redis_errors
+from fleet.state.control import Notice, announce
+from fleet.state.events import BLOCK_MS
+from fleet.state.hosts import HostRegistry
+from fleet.state.store import TaskStore
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 
 class FleetClient:
@@ -24,10 +33,16 @@ class FleetClient:
         self.settings = settings
         self.store = TaskStore(redis_client or connect_redis(settings),
                                settings.namespace, settings.retention_s)
-        self.app = make_celery(settings)
         self.alerts = Alerts(self.store.redis, self.store.keys, settings.alert_command)
         self.breaker = Breaker(self.store.redis, self.store.keys, self.alerts)
         self.hosts = HostRegistry(self.store.redis, self.store.keys, settings.heartbeat_s)
+
+    @cached_property
+    def app(self) -> Celery:
+        """The Celery app, made (and Celery imported) on first publish."""
+        from fleet.broker.celery_app import make_celery
+
+        return make_celery(self.settings)
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> FleetClient:
@@ -58,43 +73,58 @@ class FleetClient:
         self.check_payload(payload)
         if host is not None:
             self.check_host(agent, host)
-        task_id, created = self.store.create(agent, payload, key, pinned_host=host)
+        task_id, created = self.store.records.create(agent, payload, key, pinned_host=host)
         if created:
+            import kombu.exceptions
+
+            from fleet.broker.publish import publish
+
             try:
                 publish(self.app, self.settings, task_id, agent, host=host)
             except (kombu.exceptions.KombuError, OSError, redis.RedisError) as error:
-                self.store.transition(task_id, State.FAILED, finished_at=now_iso(), error=TaskError(
+                self.store.records.transition(task_id, State.FAILED, finished_at=now_iso(), error=TaskError(
                     kind=ErrorKind.LOST, message=f"could not publish: {error}"))
                 raise StateStoreError(f"could not publish task {task_id}: {error}") from None
         return task_id
 
     def status(self, task_id: str) -> TaskRecord:
-        return self.store.get(task_id)
+        return self.store.records.get(task_id)
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
-        record = self.store.wait_final(task_id, timeout)
-        if record is None:
-            raise WaitTimeout(task_id, timeout or 0)
-        return record
+        """Block on the task's event stream until it is final."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        key = self.store.keys.events(task_id)
+        cursor = self.store.events.last_id(key)  # before the read: no event is missed between
+        record = self.store.records.get(task_id)
+        if record.state.final:
+            return record
+        for batch in self.store.events.follow(key, cursor, block_ms=BLOCK_MS, deadline=deadline):
+            # Read the record again only when it may have become final (or
+            # after a quiet spell): output and `running` events do not end it.
+            if not batch or any(e.type == "state" and State(e.fields["state"]).final for e in batch):
+                record = self.store.records.get(task_id)
+                if record.state.final:
+                    return record
+        raise WaitTimeout(task_id, timeout or 0)
 
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued, retrying or running task; a finished one is
         returned unchanged."""
-        record = self.store.get(task_id)
+        record = self.store.records.get(task_id)
         if record.state.final:
             return record
-        cancelled = self.store.transition(task_id, State.CANCELLED, finished_at=now_iso(),
+        cancelled = self.store.records.transition(task_id, State.CANCELLED, finished_at=now_iso(),
                                           error=TaskError(kind=ErrorKind.CANCELLED,
                                                           message="cancelled by request"))
         # The consumer running it (on any host) ends its processes now; its
         # housekeeper would notice the record within a lease period anyway.
-        self.store.redis.publish(self.store.keys.control, f"cancel {task_id}")
+        announce(self.store.redis, self.store.keys, Notice.CANCEL, task_id)
         return cancelled
 
     def tasks(self, agent: str | None = None, state: State | str | None = None) -> list[TaskRecord]:
         if agent is not None:
             self.settings.agent(agent)
-        return self.store.list_tasks(agent=agent, state=State(state) if state else None)
+        return self.store.records.find(agent=agent, state=State(state) if state else None)
 
     def resume(self, agent: str, why: str) -> bool:
         """Close the agent's breaker on every host; False if it was not open."""
@@ -105,9 +135,11 @@ class FleetClient:
         """After `fleet tokens set`: resume the agent and run at once the
         tasks waiting to retry a credential failure (their delayed retry,
         when it comes, finds the attempt started and is dropped)."""
+        from fleet.broker.publish import republish
+
         self.resume(agent, f"token {name} rotated")
         retried = []
-        for record in self.store.list_tasks(agent=agent, state=State.RETRYING):
+        for record in self.store.records.find(agent=agent, state=State.RETRYING):
             if record.error is not None and record.error.kind == ErrorKind.CREDENTIAL:
                 republish(self.app, self.settings, record, record.attempts + 1)
                 retried.append(record.id)
@@ -116,9 +148,6 @@ class FleetClient:
     def queue_depth(self, agent: str) -> int:
         """Messages waiting in the agent's shared queue and its queues pinned
         to the registered hosts."""
-        from fleet.routing import queue_name
-
         hosts = [None, *(h.registration.host_id for h in self.hosts.all())]
         queues = [queue_name(self.settings.namespace, agent, host) for host in hosts]
-        with redis_errors():
-            return waiting_messages(self.store.redis, self.store.keys, queues)
+        return waiting_messages(self.store.redis, self.store.keys, queues)

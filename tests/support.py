@@ -217,12 +217,10 @@ def wait_for_state(client: Any, task_id: str, state: Any, timeout: float = 60) -
     import time
 
     deadline = time.monotonic() + timeout
-    cursor = "0-0"
-    while time.monotonic() < deadline:
-        for event in client.store.events(task_id, after=cursor, block_ms=1000):
-            cursor = event.id
-            if event.type == "state" and event.fields.get("state") == state:
-                return client.status(task_id)
+    for batch in client.store.events.follow(client.store.keys.events(task_id), block_ms=1000,
+                                            deadline=deadline):
+        if any(e.type == "state" and e.fields.get("state") == state for e in batch):
+            return client.status(task_id)
     raise AssertionError(f"task {task_id} never became {state}: {client.status(task_id)}")
 
 

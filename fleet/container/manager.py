@@ -16,6 +16,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from fleet.container.engine import engine_errors
 from fleet.container.spec import (
     LABEL_AGENT,
     LABEL_HOST,
@@ -24,10 +25,9 @@ from fleet.container.spec import (
     ContainerSpec,
     build_spec,
 )
-from fleet.engine import engine_errors
+from fleet.credentials.tokens import TokenStore
 from fleet.errors import EngineError
 from fleet.settings import FleetSettings
-from fleet.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from support import (
     wait_for_state,
 )
 
+from fleet.broker.routing import queue_name
 from fleet.container.spec import build_spec
 from fleet.record import ErrorKind, State
-from fleet.routing import queue_name
 
 
 def container(fleet: Fleet, docker_client: docker.DockerClient, agent: str = "dev") -> Any:
@@ -36,10 +36,9 @@ def container(fleet: Fleet, docker_client: docker.DockerClient, agent: str = "de
 
 def wait_for_event(client: Any, task_id: str, kind: str, timeout: float = 60) -> dict[str, str]:
     deadline = time.monotonic() + timeout
-    cursor = "0-0"
-    while time.monotonic() < deadline:
-        for event in client.store.events(task_id, after=cursor, block_ms=1000):
-            cursor = event.id
+    for batch in client.store.events.follow(client.store.keys.events(task_id), block_ms=1000,
+                                            deadline=deadline):
+        for event in batch:
             if event.type == kind:
                 return event.fields
     raise AssertionError(f"no {kind} event for task {task_id}")
@@ -61,11 +60,12 @@ def test_a_consumer_killed_mid_run_loses_no_task_and_runs_none_twice_at_once(
     doomed = None
     while doomed is None and time.monotonic() < deadline:
         for task_id in ids:
-            owner = client.store.lease_owner(task_id)
+            owner = client.store.leases.owner(task_id)
             if owner and int(owner.split(":")[1]) in victim_consumers:
                 doomed = task_id
         if doomed is None:  # wake on the next state change of any task
-            client.store.wait_for_events({t: client.store.last_event_id(t) for t in ids}, 1000)
+            client.store.events.wait_any(
+                {t: client.store.events.last_id(client.store.keys.events(t)) for t in ids}, 1000)
     assert doomed is not None, "the victim never ran a task"
     assert survivor.process.poll() is None, "".join(survivor.lines)
     killed_at = time.monotonic()
@@ -79,7 +79,7 @@ def test_a_consumer_killed_mid_run_loses_no_task_and_runs_none_twice_at_once(
     assert doomed_record.attempts >= 2
     finished = time.monotonic() - killed_at
     assert finished < 90, f"the killed consumer's task took {finished:.0f} s to finish elsewhere"
-    lost = [e.fields for e in client.store.events(doomed) if e.fields.get("error") == "lost"]
+    lost = [e.fields for e in client.store.events.of_task(doomed) if e.fields.get("error") == "lost"]
     assert lost, "the lost attempt was not recorded"
     runs = read_runs(container(fleet, docker_client), "runs")
     assert overlapping(runs) == []
@@ -98,7 +98,7 @@ def test_a_killed_container_is_recorded_as_a_crash_and_the_task_retried(
     first.kill()
     record = client.wait(task_id, 120)
     assert (record.state, record.attempts) == (State.SUCCEEDED, 2)
-    crashes = [e.fields for e in client.store.events(task_id) if e.fields.get("error") == "crash"]
+    crashes = [e.fields for e in client.store.events.of_task(task_id) if e.fields.get("error") == "crash"]
     assert crashes and crashes[0]["state"] == "retrying"
     assert record.container != first.short_id  # recreated
 
@@ -125,7 +125,8 @@ def test_nothing_a_task_started_keeps_running_after_it(
     record = client.wait(client.submit("dev", {"shell": "(sleep 300 &) ; setsid sleep 301 &"}), 60)
     assert record.state == State.SUCCEEDED
     assert task_processes(container(fleet, docker_client), record.id) == 0
-    killed = [e.fields for e in client.store.events(record.id) if e.type == "leftover_processes_killed"]
+    killed = [e.fields for e in client.store.events.of_task(record.id)
+              if e.type == "leftover_processes_killed"]
     assert killed and int(killed[0]["processes"]) >= 2
 
 
@@ -207,6 +208,6 @@ def test_a_queued_task_whose_message_was_lost_is_published_again_once(make_fleet
     fleet.start_worker()  # two consumers: only one publishes it again
     records = [client.wait(task_id, 60) for task_id in [lost, *kept]]
     assert [(r.state, r.attempts) for r in records] == [(State.SUCCEEDED, 1)] * 4
-    republished = [e for e in client.store.events(lost) if e.type == "message_republished"]
+    republished = [e for e in client.store.events.of_task(lost) if e.type == "message_republished"]
     assert len(republished) == 1
-    assert not any(e.type == "message_republished" for t in kept for e in client.store.events(t))
+    assert not any(e.type == "message_republished" for t in kept for e in client.store.events.of_task(t))

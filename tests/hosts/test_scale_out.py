@@ -140,7 +140,7 @@ def test_a_cut_link_moves_the_task_elsewhere_without_overlap_and_refuses_late_wr
                             and r.state == State.RUNNING else None, "the take-over", timeout=30)
         failover_s = time.monotonic() - cut_at
         assert second.host != cut.name
-        lost = [e.fields for e in client.store.events(task_id) if e.fields.get("error") == "lost"]
+        lost = [e.fields for e in client.store.events.of_task(task_id) if e.fields.get("error") == "lost"]
         assert lost, "the cut-off attempt was not recorded lost"
     finally:
         cut.restore()
@@ -150,7 +150,7 @@ def test_a_cut_link_moves_the_task_elsewhere_without_overlap_and_refuses_late_wr
     workers[cut.name].wait_for_line("of attempt 1 refused", timeout=60)
     record = client.wait(task_id, 120)
     assert (record.state, record.attempts, record.host) == (State.SUCCEEDED, 2, second.host)
-    events = list(client.store.events(task_id))
+    events = list(client.store.events.of_task(task_id))
     taken_over = next(n for n, e in enumerate(events) if e.fields.get("error") == "lost")
     later = "".join(e.fields["data"] for e in events[taken_over:] if e.type == "output").splitlines()
     # Only attempt 2's 40 lines and its result follow the take-over.
@@ -213,7 +213,8 @@ def test_a_pinned_task_runs_only_on_its_host_retries_included(
     assert {(r.state, r.host, r.pinned_host) for r in records} == {(State.SUCCEEDED, "h2", "h2")}
     for task_id in flaky:
         assert client.status(task_id).attempts == 2
-        assert [e for e in client.store.events(task_id) if e.fields.get("error") == ErrorKind.TRANSIENT]
+        assert [e for e in client.store.events.of_task(task_id)
+                if e.fields.get("error") == ErrorKind.TRANSIENT]
 
     # An agent restricted to h1 is served by h1 only.
     hosts = host_states(fleet)

@@ -10,7 +10,8 @@ import pytest
 from support import MakeFleet
 
 from fleet.container.manager import ContainerManager
-from fleet.forward import ExecForwarder, ExitStatus, Job
+from fleet.forwarding.base import ExitStatus, Job
+from fleet.forwarding.exec import ExecForwarder
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import docker
 import pytest
 from support import FLEET
 
-from fleet.bench import PARTS
-from fleet.cli import BENCH_PARTS
+from fleet.cli.bench.run import PARTS
+from fleet.cli.main import BENCH_PARTS
 from fleet.container.spec import LABEL_NAMESPACE
 
 

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import docker
 from support import MakeFleet, task_processes, wait_for_state
 
-from fleet.channel.forwarder import ChannelForwarder
 from fleet.container.manager import ContainerManager
 from fleet.container.spec import build_spec
-from fleet.forward import Job
+from fleet.forwarding.base import Job
+from fleet.forwarding.channel import ChannelForwarder
 from fleet.record import ErrorKind, State
 
 # Runs in the container: returns once no process carries the task's mark (at most 20 s).
@@ -90,10 +90,9 @@ def test_a_supervisor_killed_from_outside_is_detected_and_the_task_retried(
     client = fleet.client()
     task_id = client.submit("dev", {"echo": "started", "sleep": 3})
     wait_for_state(client, task_id, State.RUNNING)
-    cursor, started = "0-0", False
-    while not started:  # its first output: it runs, through the channel
-        for event in client.store.events(task_id, after=cursor, block_ms=1000):
-            cursor, started = event.id, started or event.type == "output"
+    for batch in client.store.events.follow(client.store.keys.events(task_id), block_ms=1000):
+        if any(event.type == "output" for event in batch):  # its first output: it runs, through the channel
+            break
     container = docker_client.containers.get(build_spec(fleet.settings, "dev").name)
     killer = ("import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
               "    if b'supervise' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
@@ -101,7 +100,8 @@ def test_a_supervisor_killed_from_outside_is_detected_and_the_task_retried(
     container.exec_run(["python3", "-c", killer], user="10001")
     record = client.wait(task_id, 60)
     assert (record.state, record.attempts) == (State.SUCCEEDED, 2)
-    crashes = [e.fields for e in client.store.events(task_id) if e.fields.get("error") == ErrorKind.CRASH]
+    crashes = [e.fields for e in client.store.events.of_task(task_id)
+               if e.fields.get("error") == ErrorKind.CRASH]
     assert crashes, "the broken channel was not recorded as a crash"
 
 

@@ -19,8 +19,8 @@ import redis
 from support import FLEET, Fleet, MakeFleet, RedisServer, new_namespace, wait_for_state
 
 from fleet.container.spec import LABEL_NAMESPACE, build_spec
+from fleet.credentials.tokens import TokenStore
 from fleet.record import ErrorKind, State
-from fleet.tokens import TokenStore
 
 GOOD = "forge-token-right-0123456789abcdef"
 BAD = "forge-token-wrong-0123456789abcdef"
@@ -89,7 +89,7 @@ def test_a_rejected_token_is_retried_and_succeeds_after_rotation(
     assert "fleet tokens set dev forge" in retrying.error.message
     failures = [a for a in alerts(fleet) if a["kind"] == "credential_failure"]
     assert [(a["task"], a["token"]) for a in failures] == [(task_id, "forge")]
-    events = [e.fields for e in client.store.events(task_id) if e.type == "credential_failure"]
+    events = [e.fields for e in client.store.events.of_task(task_id) if e.type == "credential_failure"]
     assert events == [{"type": "credential_failure", "token": "forge", "attempt": "1"}]
 
     rotated = set_token(fleet, "dev", GOOD)

@@ -14,9 +14,9 @@ import redis
 from redis.sentinel import Sentinel
 from support import MakeFleet, RedisServer, start_redis, start_sentinel
 
-from fleet.dispatch import make_celery
+from fleet.broker.publish import make_celery
+from fleet.broker.routing import queue_name
 from fleet.record import State
-from fleet.routing import queue_name
 
 MASTER = "mymaster"
 TASKS = 12

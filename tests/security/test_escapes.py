@@ -25,8 +25,8 @@ from docker.types import Mount
 from support import Fleet, RedisServer, build_fleet, wait_for_state
 
 from fleet.container.spec import build_spec
+from fleet.credentials.tokens import TokenStore
 from fleet.record import State
-from fleet.tokens import TokenStore
 
 PROBES_SOURCE = (Path(__file__).parent / "probes.py").read_text()
 PROBE_NAMES = re.findall(r'^@probe\("([a-z0-9-]+)"\)', PROBES_SOURCE, re.M)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fakeredis
 
-from fleet.alerts import Alerts
-from fleet.breaker import Breaker
-from fleet.keys import Keys
+from fleet.credentials.alerts import Alerts
+from fleet.credentials.breaker import Breaker
+from fleet.state.events import EventStreams
+from fleet.state.keys import Keys
 
 
 def breaker() -> Breaker:
@@ -16,7 +17,8 @@ def breaker() -> Breaker:
 
 
 def kinds(b: Breaker) -> list[str]:
-    return [alert["kind"] for _, alert in b.alerts.read()]
+    streams = EventStreams(b.redis, b.keys)
+    return [event.fields["kind"] for batch in streams.follow(b.keys.alerts) for event in batch]
 
 
 def test_opens_after_the_threshold_of_consecutive_failures() -> None:

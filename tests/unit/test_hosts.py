@@ -7,8 +7,8 @@ import fakeredis
 import pytest
 
 from fleet.errors import UsageError
-from fleet.hosts import ConsumerReport, HostRegistry, HostState, Registration, host_state
-from fleet.keys import Keys
+from fleet.state.hosts import ConsumerReport, HostRegistry, HostState, Registration, host_state
+from fleet.state.keys import Keys
 
 NOW = 1_000_000.0
 

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from fleet.masking import MASK, MAX_PENDING, Masker
+from fleet.credentials.masking import MASK, MAX_PENDING, Masker
 
 TOKEN = b"ghp_s3cr3t/value+with=odd&chars"
 

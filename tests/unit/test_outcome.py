@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from fleet.forward import ExitStatus
-from fleet.outcome import backoff, classify, parse_result
+from fleet.forwarding.base import ExitStatus
 from fleet.record import ErrorKind, State
 from fleet.settings import AgentSpec
+from fleet.worker.outcome import backoff, classify, parse_result
 
 SPEC = AgentSpec(transient_retries=2, credential_retries=1, transient_backoff_s=1,
                  transient_backoff_max_s=10, credential_backoff_s=20, credential_backoff_max_s=30)

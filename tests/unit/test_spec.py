@@ -6,8 +6,8 @@ from pathlib import Path
 
 from docker.types import Mount
 
+from fleet.broker.routing import queue_name
 from fleet.container.spec import LABEL_SPEC_HASH, build_spec, resource_name
-from fleet.routing import queue_name
 from fleet.settings import AgentSpec, FleetSettings
 
 

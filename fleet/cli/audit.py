@@ -1,0 +1,375 @@
+"""`fleet audit`: fleet's containers on this host, their token directories and
+the agent image, checked against the isolation policy (docs/security.md).
+
+Each check is a small pure function of `docker inspect` data, so a weakened
+container (privileged, root, a writable token mount, the Docker socket)
+fails with a line that names the check and the offending value. Where a
+check is an item of the CIS Docker Benchmark (v1.6, sections 4 and 5), its
+number is given."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import docker
+import docker.errors
+
+from fleet.container.engine import engine_errors
+from fleet.container.spec import HOME, LABEL_AGENT, LABEL_SPEC_HASH, STATE_DIR, TOKEN_DIR, build_spec
+from fleet.credentials.tokens import TokenStore
+from fleet.settings import FleetSettings
+
+DOCKER_SOCKETS = ("docker.sock", "containerd.sock", "podman.sock")
+SECRET_ENV_NAME = re.compile(r"(?i)(token|secret|passw|api_?key|private|credential)")
+SECRET_VALUE = re.compile(
+    rb"(ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,}"
+    rb"|xox[abp]-[A-Za-z0-9-]{10,}|AKIA[A-Z0-9]{16}|sk-[A-Za-z0-9]{32,}"
+    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
+SECRET_FILE_NAMES = re.compile(
+    r"(^|/)(\.claude\.json|\.netrc|\.git-credentials|\.npmrc|\.pypirc|id_rsa|id_ed25519|id_ecdsa"
+    r"|credentials\.json|\.docker/config\.json)$")
+MAX_SCANNED_FILE = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Finding:
+    subject: str
+    check: str
+    ok: bool
+    detail: str
+    cis: str = ""
+
+    def line(self) -> str:
+        cis = f" (CIS {self.cis})" if self.cis else ""
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.subject}  {self.check}{cis}: {self.detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What fleet's spec says the container must be."""
+
+    token_dir: str
+    volume: str
+    spec_hash: str
+    token_values: tuple[bytes, ...]
+
+
+Check = Callable[[dict[str, Any], Expected], tuple[bool, str]]
+CHECKS: list[tuple[str, str, Check]] = []
+
+
+def check(name: str, cis: str = "") -> Callable[[Check], Check]:
+    def register(function: Check) -> Check:
+        CHECKS.append((name, cis, function))
+        return function
+    return register
+
+
+def host(attrs: dict[str, Any]) -> dict[str, Any]:
+    return dict(attrs.get("HostConfig") or {})
+
+
+def mounts(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(attrs.get("Mounts") or [])
+
+
+@check("not-privileged", "5.4")
+def _privileged(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    return not host(attrs).get("Privileged"), f"Privileged={host(attrs).get('Privileged')}"
+
+
+@check("non-root-user", "4.1")
+def _user(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    user = str((attrs.get("Config") or {}).get("User") or "")
+    uid = user.split(":")[0]
+    ok = uid.isdigit() and int(uid) != 0
+    return ok, f"User={user!r}" + ("" if ok else " (root, or a name that may be root)")
+
+
+@check("read-only-rootfs", "5.12")
+def _rootfs(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    return bool(host(attrs).get("ReadonlyRootfs")), f"ReadonlyRootfs={host(attrs).get('ReadonlyRootfs')}"
+
+
+@check("capabilities-dropped", "5.3")
+def _caps(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    dropped = [c.upper() for c in host(attrs).get("CapDrop") or []]
+    added = host(attrs).get("CapAdd") or []
+    return "ALL" in dropped and not added, f"CapDrop={dropped} CapAdd={added}"
+
+
+@check("no-new-privileges", "5.25")
+def _nnp(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    options = host(attrs).get("SecurityOpt") or []
+    ok = any(o.startswith("no-new-privileges") and not o.endswith(("false", "=0")) for o in options)
+    return ok, f"SecurityOpt={options}"
+
+
+@check("seccomp-confined", "5.21")
+def _seccomp(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    options = host(attrs).get("SecurityOpt") or []
+    unconfined = [o for o in options if o.replace(":", "=") == "seccomp=unconfined"]
+    return not unconfined, f"SecurityOpt={options}"
+
+
+@check("pids-limit", "5.28")
+def _pids(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    limit = host(attrs).get("PidsLimit") or 0
+    return limit > 0, f"PidsLimit={limit}"
+
+
+@check("memory-limit", "5.10")
+def _memory(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    memory = host(attrs).get("Memory") or 0
+    return memory > 0, f"Memory={memory}"
+
+
+@check("cpu-limit", "5.11")
+def _cpu(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    nano, quota = host(attrs).get("NanoCpus") or 0, host(attrs).get("CpuQuota") or 0
+    return nano > 0 or quota > 0, f"NanoCpus={nano} CpuQuota={quota}"
+
+
+def namespace_check(key: str) -> Check:
+    def not_host(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+        value = host(attrs).get(key) or ""
+        return value != "host" and not value.startswith("container:"), f"{key}={value!r}"
+    return not_host
+
+
+check("no-host-network", "5.9")(namespace_check("NetworkMode"))
+check("no-host-pid", "5.15")(namespace_check("PidMode"))
+check("no-host-ipc", "5.16")(namespace_check("IpcMode"))
+check("no-host-uts", "5.20")(namespace_check("UTSMode"))
+
+
+@check("no-devices", "5.17")
+def _devices(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    devices = host(attrs).get("Devices") or []
+    return not devices, f"Devices={[d.get('PathOnHost') for d in devices]}"
+
+
+@check("no-docker-socket", "5.31")
+def _socket(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    found = [m.get("Source", "") for m in mounts(attrs) if m.get("Source", "").endswith(DOCKER_SOCKETS)]
+    return not found, f"socket mounts={found}" if found else "no engine socket mounted"
+
+
+@check("only-own-token-dir-from-host", "5.5")
+def _host_paths(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
+    binds = [m.get("Source", "") for m in mounts(attrs) if m.get("Type") == "bind"]
+    extra = [b for b in binds if b != expected.token_dir]
+    return not extra, f"host paths={binds}"
+
+
+@check("token-mount-read-only", "5.5")
+def _token_mount(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
+    found = [m for m in mounts(attrs) if m.get("Destination") == TOKEN_DIR]
+    if len(found) != 1:
+        return False, f"{len(found)} mounts at {TOKEN_DIR}"
+    mount = found[0]
+    ok = not mount.get("RW") and mount.get("Source") == expected.token_dir
+    return ok, f"{mount.get('Source')} RW={mount.get('RW')}"
+
+
+@check("home-is-empty-tmpfs")
+def _home(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    tmpfs = host(attrs).get("Tmpfs") or {}
+    mounted = [m.get("Source") for m in mounts(attrs) if m.get("Destination") == HOME]
+    return HOME in tmpfs and not mounted, f"Tmpfs={sorted(tmpfs)} mounts at {HOME}={mounted}"
+
+
+@check("own-state-volume")
+def _state(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
+    found = [m for m in mounts(attrs) if m.get("Destination") == STATE_DIR]
+    names = [(m.get("Type"), m.get("Name")) for m in found]
+    return names == [("volume", expected.volume)], f"{STATE_DIR}: {names}, expected {expected.volume}"
+
+
+@check("no-token-in-environment", "4.10")
+def _env(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
+    env = (attrs.get("Config") or {}).get("Env") or []
+    holding = [e.split("=", 1)[0] for e in env
+               if any(v.decode(errors="replace") in e for v in expected.token_values if v)]
+    return not holding, f"variables holding a token: {holding}" if holding else f"{len(env)} variables"
+
+
+@check("no-published-ports", "5.8")
+def _ports(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    bindings = host(attrs).get("PortBindings") or {}
+    publish_all = bool(host(attrs).get("PublishAllPorts"))
+    return not bindings and not publish_all, f"PortBindings={bindings} PublishAllPorts={publish_all}"
+
+
+@check("not-default-bridge", "5.29")
+def _bridge(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    mode = host(attrs).get("NetworkMode") or ""
+    return mode not in ("default", "bridge"), f"NetworkMode={mode!r}"
+
+
+@check("no-shared-propagation", "5.19")
+def _propagation(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    shared = [m.get("Destination") for m in mounts(attrs) if m.get("Propagation") in ("shared", "rshared")]
+    return not shared, f"shared mounts={shared}"
+
+
+@check("ulimits-set", "5.18")
+def _ulimits(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    limits = host(attrs).get("Ulimits") or []
+    return bool(limits), f"Ulimits={[(u.get('Name'), u.get('Hard')) for u in limits]}"
+
+
+@check("init-process")
+def _init(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    return bool(host(attrs).get("Init")), f"Init={host(attrs).get('Init')}"
+
+
+@check("restart-policy-bounded", "5.14")
+def _restart(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    policy = host(attrs).get("RestartPolicy") or {}
+    name, retries = policy.get("Name") or "no", policy.get("MaximumRetryCount") or 0
+    ok = name == "no" or (name == "on-failure" and 0 < retries <= 5)
+    return ok, f"RestartPolicy={name}:{retries}"
+
+
+@check("spec-current")
+def _spec(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
+    label = ((attrs.get("Config") or {}).get("Labels") or {}).get(LABEL_SPEC_HASH)
+    return label == expected.spec_hash, f"spec hash {label}, configured {expected.spec_hash}"
+
+
+def audit_container(attrs: dict[str, Any], expected: Expected) -> list[Finding]:
+    subject = str(attrs.get("Name", "?")).lstrip("/")
+    findings = []
+    for name, cis, function in CHECKS:
+        ok, detail = function(attrs, expected)
+        findings.append(Finding(subject, name, ok, detail, cis))
+    return findings
+
+
+def audit_token_dirs(settings: FleetSettings) -> list[Finding]:
+    """The host side: <secrets_dir> and each agent's directory 0700, files
+    0600, owned by the agents' uid, no links."""
+    findings = []
+    for agent in sorted(settings.agents):
+        directory = settings.secrets_dir / agent
+        if not directory.exists():
+            continue
+        problems = []
+        info = os.lstat(directory)
+        if stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) != 0o700:
+            problems.append(f"{directory} is {oct(stat.S_IMODE(info.st_mode))}")
+        for entry in directory.iterdir():
+            entry_info = os.lstat(entry)
+            if not stat.S_ISREG(entry_info.st_mode):
+                problems.append(f"{entry.name} is not a regular file")
+            elif stat.S_IMODE(entry_info.st_mode) != 0o600:
+                problems.append(f"{entry.name} is {oct(stat.S_IMODE(entry_info.st_mode))}")
+            elif os.geteuid() == 0 and entry_info.st_uid != settings.agent_uid:
+                problems.append(f"{entry.name} is owned by uid {entry_info.st_uid}")
+        findings.append(Finding(str(directory), "token-dir-private", not problems,
+                                "; ".join(problems) or "0700 directory, 0600 files", "5.5"))
+    return findings
+
+
+def expected_for(settings: FleetSettings, agent: str) -> Expected:
+    spec = build_spec(settings, agent)
+    tokens = TokenStore(settings)
+    values = tuple(v for name in settings.agents for v in tokens.values(name))
+    return Expected(spec.token_dir, spec.volume, spec.hash, values)
+
+
+def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Finding]:
+    from fleet.container.manager import ContainerManager
+
+    findings = []
+    for container in ContainerManager(client, settings).containers():
+        agent = container.labels.get(LABEL_AGENT, "")
+        if agent not in settings.agents:
+            findings.append(Finding(str(container.name), "configured-agent", False,
+                                    f"agent {agent!r} is not configured (an orphan)"))
+            continue
+        findings += audit_container(container.attrs, expected_for(settings, agent))
+    return findings + audit_token_dirs(settings)
+
+
+# -- the image ------------------------------------------------------------------
+
+
+def image_files(client: docker.DockerClient, tag: str) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
+    """Every file of the image's filesystem (through a container that never starts)."""
+    with engine_errors(f"reading the filesystem of {tag}"):
+        container = client.containers.create(tag, command=["true"], network_mode="none")
+        try:
+            stream = io.BufferedReader(_ChunkReader(container.export()))  # type: ignore[arg-type]
+            with tarfile.open(fileobj=stream, mode="r|") as archive:
+                for member in archive:
+                    data = b""
+                    if member.isfile() and member.size <= MAX_SCANNED_FILE:
+                        extracted = archive.extractfile(member)
+                        data = extracted.read() if extracted else b""
+                    yield member, data
+        finally:
+            container.remove(force=True)
+
+
+class _ChunkReader(io.RawIOBase):
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+
+def audit_image(client: docker.DockerClient, tag: str) -> list[Finding]:
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return [Finding(tag, "image-present", False, "missing: run `fleet image build`")]
+    config = image.attrs.get("Config") or {}
+    user = str(config.get("User") or "")
+    uid = user.split(":")[0]
+    findings = [Finding(tag, "image-non-root-user", uid.isdigit() and int(uid) != 0, f"USER {user!r}",
+                        "4.1")]
+    env = config.get("Env") or []
+    suspicious = [e.split("=", 1)[0] for e in env
+                  if SECRET_ENV_NAME.search(e.split("=", 1)[0]) or SECRET_VALUE.search(e.encode())]
+    findings.append(Finding(tag, "image-no-secret-env", not suspicious, f"ENV names: {suspicious}"
+                            if suspicious else f"{len(env)} ENV entries, none secret-looking", "4.10"))
+    base_id = (image.labels or {}).get("fleet.base-id", "")
+    findings.append(Finding(tag, "image-base-pinned", base_id.startswith("sha256:"),
+                            f"base {(image.labels or {}).get('fleet.base', '?')} = {base_id or 'unknown'}"))
+    secret_files, setuid = [], []
+    for member, data in image_files(client, tag):
+        name = "/" + member.name.lstrip("./")
+        if member.isfile() and (SECRET_FILE_NAMES.search(name) or SECRET_VALUE.search(data)):
+            secret_files.append(name)
+        if member.isfile() and member.mode & (stat.S_ISUID | stat.S_ISGID):
+            setuid.append(name)
+    findings.append(Finding(tag, "image-no-secret-files", not secret_files,
+                            f"found: {secret_files[:5]}" if secret_files else "none found", "4.10"))
+    findings.append(Finding(tag, "image-no-setuid", not setuid,
+                            f"setuid/setgid: {setuid[:5]}" if setuid else "none", "4.8"))
+    return findings
+

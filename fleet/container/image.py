@@ -1,0 +1,143 @@
+"""Building the agent image (`fleet/inside/agent_image`) without depending on a registry.
+
+Where a registry answers, the Dockerfile builds on `debian:bookworm-slim`.
+Where none does (this project's machines), a Debian base is made once with
+`debootstrap --variant=minbase` and `docker import`, cached by tag, and the
+same Dockerfile builds on it. The image carries a hash of its build context
+as a label, so a changed Dockerfile or agent script triggers a rebuild and an
+unchanged one does not."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from fleet.container.engine import engine_errors
+from fleet.errors import ImageError
+
+# The build context ships in the package (package data), so an installed
+# wheel builds the same image as a checkout.
+CONTEXT_DIR = Path(__file__).resolve().parent.parent / "inside" / "agent_image"
+REGISTRY_BASE = "debian:bookworm-slim"
+BOOTSTRAP_BASE = "fleet-base:bookworm"
+DEBIAN_SUITE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+CONTEXT_LABEL = "fleet.context-hash"
+RECIPE = "2"  # bump when build_image changes what it puts in the image (e.g. its labels)
+
+Report = Callable[[str], None]
+
+
+def context_hash(context: Path = CONTEXT_DIR) -> str:
+    digest = hashlib.sha256(f"recipe {RECIPE}\0".encode())
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(context).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def image_is_current(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        image = client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    labels = image.labels or {}
+    return labels.get(CONTEXT_LABEL) == context_hash()
+
+
+def has_image(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def local_base(client: docker.DockerClient) -> str | None:
+    """A base already here: the registry's, else one bootstrapped earlier."""
+    return next((tag for tag in (REGISTRY_BASE, BOOTSTRAP_BASE) if has_image(client, tag)), None)
+
+
+def pulled_base(client: docker.DockerClient, report: Report) -> str | None:
+    """The registry base if it can be pulled, else None."""
+    report(f"pulling {REGISTRY_BASE}")
+    try:
+        client.images.pull(REGISTRY_BASE)
+    except docker.errors.APIError:
+        report(f"no registry answers: pulling {REGISTRY_BASE} failed")
+        return None
+    return REGISTRY_BASE
+
+
+def bootstrap_base(client: docker.DockerClient, report: Report, mirror: str) -> str:
+    """Make `fleet-base:bookworm` with debootstrap unless it exists already."""
+    if has_image(client, BOOTSTRAP_BASE):
+        return BOOTSTRAP_BASE
+    if shutil.which("debootstrap") is None:
+        raise ImageError("no registry answers and debootstrap is missing: apt-get install debootstrap")
+    if os.geteuid() != 0:
+        raise ImageError("no registry answers and debootstrap needs root: run `fleet image build` as root")
+    report(f"bootstrapping a Debian {DEBIAN_SUITE} base with debootstrap (about a minute)")
+    with tempfile.TemporaryDirectory(prefix="fleet-rootfs-") as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        tarball = Path(scratch) / "rootfs.tar"
+        command = [
+            "debootstrap", "--variant=minbase", "--include=python3",
+            DEBIAN_SUITE, str(rootfs), mirror,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ImageError(f"debootstrap failed: {tail[0]}")
+        # apt caches and lists are not needed in the image.
+        for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            shutil.rmtree(rootfs / leftover, ignore_errors=True)
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+        repository, tag = BOOTSTRAP_BASE.split(":")
+        with engine_errors("docker import of the bootstrapped base"):
+            client.api.import_image_from_file(str(tarball), repository=repository, tag=tag)
+    return BOOTSTRAP_BASE
+
+
+def build_image(
+    client: docker.DockerClient,
+    tag: str,
+    *,
+    report: Report,
+    force: bool = False,
+    base: str | None = None,
+    mirror: str = DEFAULT_MIRROR,
+) -> bool:
+    """Build the agent image unless it is current. Returns True if it built."""
+    if not force and image_is_current(client, tag):
+        report(f"image {tag} is up to date")
+        return False
+    base = (base or local_base(client) or pulled_base(client, report)
+            or bootstrap_base(client, report, mirror))
+    report(f"building {tag} on {base}")
+    try:
+        client.images.build(
+            path=str(CONTEXT_DIR),
+            tag=tag,
+            buildargs={"BASE": base},
+            # The exact base it was built on, so an audit can tell it is pinned.
+            labels={CONTEXT_LABEL: context_hash(), "fleet.base": base,
+                    "fleet.base-id": str(client.images.get(base).id)},
+            rm=True,
+            forcerm=True,
+        )
+    except docker.errors.BuildError as error:
+        lines = [str(chunk.get("stream", "")).strip() for chunk in error.build_log]
+        detail = next((line for line in reversed(lines) if line), str(error))
+        raise ImageError(f"building {tag} failed: {detail}") from None
+    except docker.errors.APIError as error:
+        raise ImageError(f"building {tag} failed: {error}") from None
+    return True

@@ -1,0 +1,56 @@
+"""Alerts: credential failures and circuit-breaker openings and closings,
+appended to a capped stream in Redis, logged, and handed to an optional hook
+command (`alert_command`) as JSON on its stdin so an operator can wire a
+notification. The hook runs in the background and never holds up a task."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import threading
+import time
+from typing import Any
+
+import redis
+
+from fleet.connection import redis_errors
+from fleet.state.keys import Keys
+
+log = logging.getLogger(__name__)
+
+ALERTS_MAXLEN = 10_000
+HOOK_TIMEOUT_S = 30
+
+CREDENTIAL_FAILURE = "credential_failure"
+BREAKER_OPENED = "breaker_opened"
+BREAKER_CLOSED = "breaker_closed"
+
+
+class Alerts:
+    def __init__(self, client: redis.Redis, keys: Keys, hook: list[str] | None = None) -> None:
+        self.redis = client
+        self.keys = keys
+        self.hook = hook or []
+
+    def emit(self, kind: str, agent: str, message: str, **fields: str) -> dict[str, str]:
+        alert = {"kind": kind, "agent": agent, "message": message,
+                 "time": f"{time.time():.3f}", **fields}
+        entry: dict[Any, Any] = alert
+        with redis_errors():
+            self.redis.xadd(self.keys.alerts, entry, maxlen=ALERTS_MAXLEN, approximate=True)
+        log.warning("alert %s: %s", kind, message)
+        if self.hook:
+            threading.Thread(target=self._run_hook, args=(alert,), daemon=True).start()
+        return alert
+
+    def _run_hook(self, alert: dict[str, str]) -> None:
+        try:
+            done = subprocess.run(self.hook, input=json.dumps(alert), text=True,
+                                  capture_output=True, timeout=HOOK_TIMEOUT_S, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            log.error("alert hook %s failed: %s", self.hook[0], error)
+            return
+        if done.returncode != 0:
+            log.error("alert hook %s exited %d: %s", self.hook[0], done.returncode,
+                      done.stderr.strip()[:200])

@@ -1,0 +1,55 @@
+"""The control channel: notices fleet's processes send each other through
+Redis pub/sub, formatted and parsed here only.
+
+    cancel <task id>     a task was cancelled: whoever runs it ends it now
+    paused <agent>       the agent's breaker opened: its consumers stop taking tasks
+    resumed <agent>      the breaker closed: they take tasks again
+    drain <host>         the host stops taking tasks
+    undrain <host>       it takes tasks again
+
+A notice only makes a change take effect sooner: the truth is in the flags
+and records, which the housekeeper re-reads anyway (a subscriber that is
+reconnecting misses notices)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import redis
+
+from fleet.connection import redis_errors
+from fleet.state.keys import Keys
+
+
+class Notice(StrEnum):
+    CANCEL = "cancel"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
+
+
+@dataclass(frozen=True)
+class ControlMessage:
+    notice: Notice
+    subject: str  # a task id, an agent or a host, by the notice
+
+    def encode(self) -> str:
+        return f"{self.notice} {self.subject}"
+
+    @classmethod
+    def parse(cls, data: str) -> ControlMessage | None:
+        """The message, or None for anything that is not one (ignored)."""
+        verb, _, subject = data.partition(" ")
+        try:
+            notice = Notice(verb)
+        except ValueError:
+            return None
+        return cls(notice, subject) if subject and " " not in subject else None
+
+
+def announce(client: redis.Redis, keys: Keys, notice: Notice, subject: str) -> None:
+    """Send a notice to every process of the fleet that listens."""
+    with redis_errors():
+        client.publish(keys.control, ControlMessage(notice, subject).encode())

@@ -1,0 +1,260 @@
+"""Task records in Redis: one hash per task, the indexes by agent and by
+state, and every change of state.
+
+Every state change is checked against the record it moves from and written
+in one step only if the record is still at that revision (a Lua script;
+reclaiming a lost attempt is a WATCH/MULTI transaction), so a finished task
+never goes back to running and two writers cannot both move one task. Keys
+come from `fleet.state.keys` only."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+
+from fleet.connection import redis_errors
+from fleet.errors import StaleTransition, TaskNotFound
+from fleet.record import FINAL_STATES, State, TaskRecord, now_iso
+from fleet.state.events import EVENTS_MAXLEN
+from fleet.state.keys import Keys
+from fleet.state.scripts import load_script
+
+# `revision` is kept as a plain counter beside the JSON-encoded fields.
+RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
+
+# Which state each state may move to; anything else is refused.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
+    State.RUNNING: frozenset({State.SUCCEEDED, State.FAILED, State.RETRYING, State.CANCELLED}),
+    State.RETRYING: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
+    State.SUCCEEDED: frozenset(),
+    State.FAILED: frozenset(),
+    State.CANCELLED: frozenset(),
+}
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+class TaskRecords:
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.retention_s = retention_s
+        self._apply_at_revision = load_script(client, "apply_at_revision")
+
+    # -- reading -------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskRecord:
+        """The record, without its payload."""
+        record = self._records([task_id])[0]
+        if record is None:
+            raise TaskNotFound(task_id)
+        return record
+
+    def get_with_payload(self, task_id: str) -> tuple[TaskRecord, dict[str, Any]]:
+        """The record and its payload, in one read."""
+        raw = self._call(self.redis.hgetall, self.keys.task(task_id))
+        if not raw:
+            raise TaskNotFound(task_id)
+        payload: dict[str, Any] = json.loads(raw.get("payload", "{}"))
+        return decode_record(raw), payload
+
+    def find(self, agent: str | None = None, state: State | None = None,
+                   limit: int = 1000) -> list[TaskRecord]:
+        """Newest first. Index entries whose record has expired are pruned."""
+        if state is not None:
+            index = self.keys.by_state(state)
+        elif agent is not None:
+            index = self.keys.by_agent(agent)
+        else:
+            index = None
+        ids = self._all_ids(limit) if index is None else self._call(
+            self.redis.zrevrange, index, 0, limit - 1)
+        records = []
+        for task_id, record in zip(ids, self._records(ids), strict=True):
+            if record is None:
+                self._prune(task_id, index)
+                continue
+            if agent not in (None, record.agent) or state not in (None, record.state):
+                continue
+            records.append(record)
+        return records
+
+    def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
+        """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
+        ids = self._call(self.redis.zrangebyscore, self.keys.by_state(State.QUEUED), 0, before)
+        return [record for record in self._records(ids)
+                if record is not None and record.agent == agent and record.state == State.QUEUED]
+
+    def _records(self, ids: list[str]) -> list[TaskRecord | None]:
+        """Records without their payloads (up to payload_limit each), in one round trip."""
+        fields = [*RECORD_FIELDS, "revision"]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hmget(self.keys.task(task_id), fields)
+            rows = self._call(pipe.execute)
+        return [None if values[0] is None else decode_record(
+                    {f: v for f, v in zip(fields, values, strict=True) if v is not None})
+                for values in rows]
+
+    def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
+        """Whether this consumer is the one to publish a lost message again:
+        the first to take a mark that lasts `hold_s`."""
+        return bool(self._call(self.redis.set, self.keys.republishing(task_id), "1", nx=True,
+                               px=int(hold_s * 1000)))
+
+    def _all_ids(self, limit: int) -> list[str]:
+        ids: dict[str, float] = {}
+        for state in State:
+            for task_id, score in self._call(
+                self.redis.zrevrange, self.keys.by_state(state), 0, limit - 1, withscores=True
+            ):
+                ids[task_id] = score
+        return sorted(ids, key=lambda i: ids[i], reverse=True)[:limit]
+
+    def _prune(self, task_id: str, index: str | None) -> None:
+        """Drop an expired task from the indexes (its agent's index is trimmed
+        by age when tasks finish)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in [index] if index else []:
+                pipe.zrem(key, task_id)
+            for state in State:
+                pipe.zrem(self.keys.by_state(state), task_id)
+            self._call(pipe.execute)
+
+    # -- writing -------------------------------------------------------------
+
+    def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
+               pinned_host: str | None = None) -> tuple[str, bool]:
+        """A new queued record. With an idempotency key already used, the
+        existing task's id and False (nothing is written)."""
+        task_id = new_task_id()
+        if key is not None:
+            claimed = self._call(self.redis.set, self.keys.idempotency(key), task_id, nx=True)
+            if not claimed:
+                existing = self._call(self.redis.get, self.keys.idempotency(key))
+                if existing is not None:
+                    return str(existing), False
+                return self.create(agent, payload, key, pinned_host)  # expired between the calls
+        record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=now_iso(),
+                            key=key, pinned_host=pinned_host)
+        now = time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
+                                                         "payload": json.dumps(payload)})
+            pipe.zadd(self.keys.by_agent(agent), {task_id: now})
+            pipe.zadd(self.keys.by_state(State.QUEUED), {task_id: now})
+            pipe.xadd(self.keys.events(task_id), {"type": "state", "state": State.QUEUED},
+                      maxlen=EVENTS_MAXLEN, approximate=True)
+            self._call(pipe.execute)
+        return task_id, True
+
+    def transition(self, task_id: str, to: State, *,
+                   update: Callable[[TaskRecord], dict[str, Any]] | None = None,
+                   epoch: int | None = None, lease: tuple[str, int] | None = None,
+                   current: TaskRecord | None = None, require: State | None = None,
+                   **fields: Any) -> TaskRecord:
+        """Move a task to `to`, checking the move is allowed, and set fields.
+
+        `update` computes fields from the current record (e.g. attempts + 1).
+        `epoch` fences the write: it is refused unless the task is still on
+        that attempt, so a consumer that lost its lease (a partition, a
+        pause) cannot overwrite the attempt that took over; `require` refuses
+        it unless the task is in that state. `lease` (owner,
+        ms) sets the attempt's lease in the same write. `current` is the
+        caller's fresh read of the record, which saves reading it again.
+
+        The writes apply only if the record is still at the revision they
+        were computed from (one Lua call); if it changed meanwhile, the
+        record is read again and the move checked again. Raises
+        StaleTransition if refused."""
+        key = self.keys.task(task_id)
+        trusted = current is None  # a caller's copy is re-checked on a fresh read before refusing
+        while True:
+            if current is None:
+                current = self.get(task_id)
+            try:
+                if require is not None and current.state != require:
+                    raise StaleTransition(f"task {task_id} is {current.state}, no longer {require}")
+                record, commands = self._transition_writes(current, to, update, epoch, lease, fields)
+            except StaleTransition:
+                if trusted:
+                    raise
+                current, trusted = None, True
+                continue
+            expected = [current.revision, json.dumps(current.state), json.dumps(current.attempts)]
+            applied = self._call(self._apply_at_revision, [key], [*expected, *commands])
+            if applied == 1:
+                return record
+            if applied == -1:
+                raise TaskNotFound(task_id)
+            current, trusted = None, True  # changed since it was read
+
+    def _transition_writes(self, current: TaskRecord, to: State,
+                           update: Callable[[TaskRecord], dict[str, Any]] | None, epoch: int | None,
+                           lease: tuple[str, int] | None,
+                           fields: dict[str, Any]) -> tuple[TaskRecord, list[str]]:
+        """The record after the move and the commands that write it."""
+        task_id = current.id
+        if to not in TRANSITIONS[current.state]:
+            raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
+        if epoch is not None and current.attempts != epoch:
+            raise StaleTransition(f"task {task_id} is on attempt {current.attempts}; "
+                                  f"a write of attempt {epoch} is stale")
+        changes = {**fields, **(update(current) if update else {}), "state": to,
+                   "revision": current.revision + 1}
+        record = current.model_copy(update=changes)
+        now = time.time()
+        with self.redis.pipeline(transaction=False) as pipe:  # collects the commands, sends nothing
+            if lease is not None:
+                pipe.set(self.keys.lease(task_id), f"{lease[0]}|{record.attempts}", px=lease[1])
+            pipe.hset(self.keys.task(task_id), mapping=encode_record(record))
+            pipe.hincrby(self.keys.task(task_id), "revision", 1)
+            pipe.zrem(self.keys.by_state(current.state), task_id)
+            pipe.zadd(self.keys.by_state(to), {task_id: now})
+            event: dict[Any, Any] = {"type": "state", "state": str(to),
+                                     "attempt": str(record.attempts)}
+            if record.error is not None and to != State.SUCCEEDED:
+                event["error"] = record.error.kind
+            pipe.xadd(self.keys.events(task_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
+            if to != State.RUNNING:  # the attempt is over: so is its lease
+                pipe.delete(self.keys.lease(task_id))
+            if to in FINAL_STATES:
+                self._expire_finished(pipe, record, now)
+            commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
+        return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
+
+    def _expire_finished(self, pipe: Pipeline, record: TaskRecord, now: float) -> None:
+        for key in (self.keys.task(record.id), self.keys.events(record.id)):
+            pipe.expire(key, self.retention_s)
+        if record.key is not None:
+            pipe.expire(self.keys.idempotency(record.key), self.retention_s)
+        for state in FINAL_STATES:
+            pipe.zremrangebyscore(self.keys.by_state(state), 0, now - self.retention_s)
+        pipe.zremrangebyscore(self.keys.by_agent(record.agent), 0, now - self.retention_s)
+
+    def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with redis_errors():
+            return method(*args, **kwargs)
+
+
+def encode_record(record: TaskRecord) -> dict[str, str]:
+    data = record.model_dump(mode="json")
+    return {name: json.dumps(data[name]) for name in RECORD_FIELDS}
+
+
+def decode_record(raw: dict[str, str]) -> TaskRecord:
+    return TaskRecord.model_validate(
+        {**{name: json.loads(raw[name]) for name in RECORD_FIELDS if name in raw},
+         "revision": int(raw.get("revision", 0))}
+    )
+
+

@@ -1,0 +1,21 @@
+"""TaskStore: the three views of task state over one Redis connection —
+records and their transitions, leases, and event streams. A process makes
+one and hands the part it needs to each of its components."""
+
+from __future__ import annotations
+
+import redis
+
+from fleet.state.events import EventStreams
+from fleet.state.keys import Keys
+from fleet.state.leases import Leases
+from fleet.state.records import TaskRecords
+
+
+class TaskStore:
+    def __init__(self, client: redis.Redis, namespace: str, retention_s: int) -> None:
+        self.redis = client
+        self.keys = Keys(namespace)
+        self.records = TaskRecords(client, self.keys, retention_s)
+        self.events = EventStreams(client, self.keys)
+        self.leases = Leases(client, self.keys, self.records)

@@ -1,0 +1,112 @@
+"""One consumer process of `fleet worker`: a Celery worker bound to one
+agent's queues (shared and pinned to this host) with `concurrency` thread
+slots, wired to the task runner, the housekeeper and consumption control."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+import warnings
+from typing import Any
+
+from celery.exceptions import SecurityWarning
+from celery.signals import worker_shutting_down
+
+from fleet.broker.celery_app import make_celery
+from fleet.broker.publish import republish
+from fleet.broker.queues import waiting_messages
+from fleet.broker.routing import queue_name
+from fleet.connection import connect_redis
+from fleet.container.engine import connect
+from fleet.container.manager import ContainerManager
+from fleet.credentials.alerts import Alerts
+from fleet.credentials.breaker import Breaker
+from fleet.credentials.tokens import TokenStore
+from fleet.forwarding.base import Forwarder
+from fleet.forwarding.channel import ChannelForwarder
+from fleet.forwarding.exec import ExecForwarder
+from fleet.record import TaskRecord
+from fleet.settings import FleetSettings
+from fleet.state.hosts import HostRegistry
+from fleet.state.store import TaskStore
+from fleet.worker.holdback import ConsumptionControl, install
+from fleet.worker.housekeeping import Housekeeper
+from fleet.worker.runner import Credentials, TaskRunner, register_consumer
+from fleet.worker.running import HANDBACK, RunningTasks
+
+log = logging.getLogger("fleet.worker")
+
+
+def serve_agent(settings: FleetSettings, agent: str) -> int:
+    """Consume one agent's queues on this host (its shared queue and the one
+    of its tasks pinned here) in this process until told to stop."""
+    # The consumer drives the Docker engine, which is root-equivalent anyway;
+    # Celery's warning about running as root says nothing new here.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    spec = settings.agent(agent)
+    queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
+    owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    app = make_celery(settings, host=settings.host)
+    manager = ContainerManager(connect(), settings)
+    store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
+                      settings.retention_s)
+    alerts = Alerts(store.redis, store.keys, settings.alert_command)
+    breaker = Breaker(store.redis, store.keys, alerts)
+    registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
+    control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
+    install(app, control)
+    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s)
+                            if settings.forwarding == "channel" else ExecForwarder())
+    running = RunningTasks(forwarder, settings.kill_grace_s)
+
+    def publish_again(record: TaskRecord, attempt: int, delay: float) -> None:
+        republish(app, settings, record, attempt, delay)
+
+    def queue_depth() -> int:
+        return waiting_messages(store.redis, store.keys, queues)
+
+    credentials = Credentials(TokenStore(settings), breaker, alerts)
+    register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
+                                      credentials, control.held_back, owner))
+    housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
+                              publish_again, queue_depth, settings.lost_message_after_s)
+
+    def hand_back() -> None:
+        for task in running.all():
+            running.end(task.job.task_id, HANDBACK)
+
+    @worker_shutting_down.connect
+    def on_shutdown(**_: Any) -> None:
+        # Running tasks may finish within the grace period; then they are
+        # ended and handed back (published again) for another consumer.
+        timer = threading.Timer(settings.shutdown_grace_s, hand_back)
+        timer.daemon = True
+        timer.start()
+
+    manager.ensure(agent)
+    housekeeper.start()
+    worker = app.Worker(
+        hostname=f"{agent}@{settings.host}",
+        queues=queues,
+        concurrency=spec.concurrency,
+        pool="threads",
+        loglevel="INFO",
+        # Gossip, mingle and event heartbeats are broadcast chatter fleet
+        # does not use; without them a worker starts in well under a second.
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        quiet=True,
+    )
+    worker.start()
+    housekeeper.stop()
+    return int(worker.exitcode or 0)
+
+
+def redis_timeouts(settings: FleetSettings) -> dict[str, Any]:
+    """A worker's Redis calls give up within a lease renewal period: a call
+    hanging on a cut link must not hold the housekeeper past the lease."""
+    timeout = max(2.0, settings.lease_ttl_s / 3)
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "socket_keepalive": True}

@@ -1,0 +1,85 @@
+"""Recording a running task's output into its event stream, masked, within
+the size limit, while keeping the last line of each stream for the job
+protocol (the result is stdout's last line, after masking)."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+
+from fleet.credentials.masking import Masker
+from fleet.errors import StaleTransition, StateStoreError
+from fleet.state.events import EventStreams
+
+log = logging.getLogger(__name__)
+
+TAIL_LIMIT = 1024 * 1024  # the result line must fit
+TRUNCATED = "\n[fleet: output truncated at the log limit]\n"
+STREAMS = ("stdout", "stderr")
+
+
+class OutputRecorder:
+    def __init__(self, events: EventStreams, task_id: str, epoch: int, limit: int,
+                 secrets: list[bytes] | None = None) -> None:
+        self.events = events
+        self.task_id = task_id
+        self.epoch = epoch  # the attempt: output is refused once the task has moved on
+        self.refused = False
+        self.remaining = limit
+        self.truncated = False
+        self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
+        self._maskers = {s: Masker(secrets or []) for s in STREAMS}
+        self._tails = dict.fromkeys(STREAMS, "")
+        self._unsent: list[tuple[str, str]] = []
+
+    def write(self, stream: str, data: bytes) -> None:
+        self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(data)))
+
+    def close(self) -> None:
+        """Release what the maskers hold back (an unfinished last line)."""
+        for stream in STREAMS:
+            self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(b"", True)))
+            self._record(stream, self._maskers[stream].flush())
+        self._send()
+
+    def flush(self) -> None:
+        """Store what still waits for Redis; StateStoreError while it is away."""
+        if self._send() is not None:
+            raise StateStoreError(f"task {self.task_id}: output not stored yet")
+
+    def _record(self, stream: str, text: str) -> None:
+        if not text:
+            return
+        self._tails[stream] = (self._tails[stream] + text)[-TAIL_LIMIT:]
+        if self.truncated:
+            return
+        if len(text) > self.remaining:
+            text = text[: self.remaining] + TRUNCATED
+            self.truncated = True
+        self.remaining -= len(text)
+        self._unsent.append((stream, text))
+        self._send()
+
+    def _send(self) -> StateStoreError | None:
+        """Store what is waiting, in order. While Redis is away the output
+        waits here (the task goes on) and is stored when it is back; once
+        the task has moved to another attempt, it is refused and dropped."""
+        while self._unsent and not self.refused:
+            stream, text = self._unsent[0]
+            try:
+                self.events.append_output(self.task_id, self.epoch, stream, text)
+            except StateStoreError as error:
+                log.warning("task %s: output kept until Redis answers: %s", self.task_id, error)
+                return error
+            except StaleTransition as refused:
+                log.error("task %s: output of attempt %d refused, dropped: %s", self.task_id,
+                          self.epoch, refused)
+                self.refused = True
+                self._unsent.clear()
+            else:
+                self._unsent.pop(0)
+        return None
+
+    def last_line(self, stream: str) -> str:
+        lines = [line for line in self._tails[stream].splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
