@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from fleet.states import FINAL_STATES, ErrorKind, State
 
-class State(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    RETRYING = "retrying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-
-FINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
-
-
-class ErrorKind(StrEnum):
-    CREDENTIAL = "credential"
-    TRANSIENT = "transient"
-    TIMEOUT = "timeout"
-    CRASH = "crash"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    LOST = "lost"
+__all__ = ["FINAL_STATES", "ErrorKind", "State", "TaskError", "TaskRecord", "now_iso"]
 
 
 class TaskError(BaseModel):

@@ -41,16 +41,31 @@ class Channel:
                  keepalive_s: float = KEEPALIVE_S) -> None:
         assert container.client is not None
         api = container.client.api
-        self.container_id = container.id
-        self.name = container.name
         with engine_errors(f"starting the supervisor in {container.name}"):
             exec_id = api.exec_create(container.id,
                                       ["python3", "-c", supervisor_source(), "supervise", str(grace_s),
                                        str(keepalive_s)],
                                       stdin=True, stdout=True, stderr=True, user=user, workdir=HOME)
-            self.sock = api.exec_start(exec_id["Id"], socket=True)
-        self.raw: socket.socket = (self.sock._sock if hasattr(self.sock, "_sock")  # type: ignore[assignment]
-                                   else self.sock)
+            sock = api.exec_start(exec_id["Id"], socket=True)
+        self.container_id = container.id
+        self._attach(sock, container.name, keepalive_s)
+
+    @classmethod
+    def over(cls, sock: Any, name: str, keepalive_s: float = KEEPALIVE_S) -> Channel:
+        """A channel over a socket already connected to a supervisor, which
+        writes in Docker's stream framing (what `__init__` does once it has
+        opened the exec session): the protocol alone, as the unit tests
+        drive it over a socket pair."""
+        channel = cls.__new__(cls)
+        channel.container_id = None
+        channel._attach(sock, name, keepalive_s)
+        return channel
+
+    def _attach(self, sock: Any, name: str | None, keepalive_s: float) -> None:
+        """Start reading the supervisor's messages; return once it is ready."""
+        self.name = name
+        self.sock = sock
+        self.raw: socket.socket = self.sock._sock if hasattr(self.sock, "_sock") else self.sock
         self.write_lock = threading.Lock()
         self.lock = threading.Lock()
         self.outputs: dict[str, OutputCallback] = {}

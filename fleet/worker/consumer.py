@@ -31,9 +31,10 @@ from fleet.record import TaskRecord
 from fleet.settings import FleetSettings
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
+from fleet.worker.effects import Credentials
 from fleet.worker.holdback import ConsumptionControl, install
 from fleet.worker.housekeeping import Housekeeper
-from fleet.worker.runner import Credentials, TaskRunner, register_consumer
+from fleet.worker.runner import TaskRunner, register_consumer
 from fleet.worker.running import HANDBACK, RunningTasks
 
 log = logging.getLogger("fleet.worker")

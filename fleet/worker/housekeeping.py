@@ -43,6 +43,7 @@ from fleet.broker.queues import published_task_ids
 from fleet.broker.routing import queue_name
 from fleet.errors import FleetError
 from fleet.record import State
+from fleet.state.control import ControlMessage, Notice
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
 from fleet.worker.holdback import ConsumptionControl
@@ -130,10 +131,12 @@ class Housekeeper:
                 self.running.end(task.job.task_id, LEASE_LOST, grace_s=self.fence_grace)
 
     def notice(self, data: str) -> None:
-        verb, _, subject = data.partition(" ")
-        if verb == "cancel":
-            self.running.end(subject, CANCELLED)
-        elif subject in (self.agent, self.control.host):
+        message = ControlMessage.parse(data)
+        if message is None:
+            log.warning("ignoring a control message fleet does not send: %.80r", data)
+        elif message.notice == Notice.CANCEL:
+            self.running.end(message.subject, CANCELLED)
+        elif message.subject in (self.agent, self.control.host):
             self.report(self.control.held_back())
 
     def tick(self) -> None:

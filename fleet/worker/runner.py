@@ -1,9 +1,8 @@
-"""The thin consumer: what a Celery worker does with one message of an
-agent's queue. It does no agent work itself: it claims the task under a
-lease, makes sure the agent's container is up, forwards the job into it,
-records the masked output and the outcome (fenced by the attempt), handles
-credential failures (alert, circuit breaker), and republishes the task when
-the outcome is a retry."""
+"""The task runner: what a consumer does with one message of an agent's
+queue. It does no agent work itself: it claims the task under a lease, makes
+sure the agent's container is up, forwards the job into it and records the
+masked output (fenced by the attempt); then it gathers what the attempt left,
+lets `decision.decide` say what that comes to, and has `effects` record it."""
 
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import redis
 from celery import Celery
 from celery.exceptions import Reject
 from docker.models.containers import Container
@@ -24,37 +22,21 @@ from fleet.broker.celery_app import TASK_NAME
 from fleet.broker.publish import Republish
 from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
-from fleet.credentials.alerts import CREDENTIAL_FAILURE, Alerts
-from fleet.credentials.breaker import Breaker
-from fleet.credentials.tokens import TokenStore, fingerprints_of, present
-from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
+from fleet.credentials.tokens import fingerprints_of, present
+from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
 from fleet.forwarding.base import ExitStatus, Forwarder, Job
-from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
+from fleet.record import State, TaskRecord
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.store import TaskStore
-from fleet.worker.outcome import Outcome, classify, retry_or_fail
+from fleet.worker.decision import AttemptFacts, decide, engine_failure
+from fleet.worker.effects import Credentials, Effects, until_stored
 from fleet.worker.output import OutputRecorder
-from fleet.worker.running import HANDBACK, TIMEOUT, RunningTask, RunningTasks
+from fleet.worker.running import RunningTask, RunningTasks
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-OUTCOME_PATIENCE_S = 600.0  # how long a finished attempt's outcome waits for Redis
-
-
 class HeldBack(FleetError):
     """The agent is paused or the host drained: the message goes back to the queue."""
-
-
-@dataclass
-class Credentials:
-    """What the consumer needs to handle tokens: the host's token store, the
-    breaker and the alerts."""
-
-    tokens: TokenStore
-    breaker: Breaker
-    alerts: Alerts
 
 
 @dataclass
@@ -81,6 +63,7 @@ class TaskRunner:
         self.running = running
         self.republish = republish
         self.credentials = credentials
+        self.effects = Effects(store, credentials, republish)
         self.held_back = held_back  # why this consumer may not take tasks now, or None
         self.owner = owner
         self.rng = random.Random()
@@ -118,35 +101,12 @@ class TaskRunner:
             return
         if done.container_died:
             self.containers.invalidate(record.agent)
-        # Each step waits for Redis on its own, so a retried step does not
-        # repeat the side effects (alerts, breaker counts) of the one before.
-        self.until_stored(done.record, done.output.flush)
-        decided = self.until_stored(done.record, lambda: self.decide_outcome(done, spec))
-        if decided is not None:
-            self.until_stored(done.record, lambda: self.finish(done.record, decided, done.status))
-
-    def until_stored(self, record: TaskRecord, write: Callable[[], T]) -> T | None:
-        """Write an attempt's outcome, waiting for Redis while it is away; what
-        `write` returned, or None if it never got through. A write refused as
-        stale (the task was taken over) is logged, not retried."""
-        deadline, delay = time.monotonic() + OUTCOME_PATIENCE_S, 0.5
-        while True:
-            try:
-                return write()
-            except StaleTransition as refused:
-                log.warning("task %s: late write of attempt %d refused: %s", record.id,
-                            record.attempts, refused)
-                return None
-            except (StateStoreError, redis.RedisError) as error:
-                if time.monotonic() > deadline:
-                    log.error("task %s: outcome of attempt %d not recorded, Redis away for %.0f s "
-                              "(%s); its lease has expired and it will run again", record.id,
-                              record.attempts, OUTCOME_PATIENCE_S, error)
-                    return None
-                log.warning("task %s: outcome of attempt %d waits for Redis: %s", record.id,
-                            record.attempts, error)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        until_stored(done.record, done.output.flush)
+        facts = self.facts(done)
+        decision = decide(facts, spec, self.rng)
+        if decision.outcome is None:
+            log.info("task %s attempt %d ended: %s", record.id, record.attempts, facts.reason)
+        self.effects.apply(done.record, decision)
 
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
                 container: Container, leased_at: float) -> Attempt:
@@ -178,55 +138,20 @@ class TaskRunner:
         live = [task.job.task_id for task in self.running.all()]
         leftovers = status.leftovers + (0 if died else self.forwarder.kill(container, job, 0, sweep=live))
         if leftovers:
-            self.until_stored(record, lambda: self.store.events.add(
+            until_stored(record, lambda: self.store.events.add(
                 record.id, "leftover_processes_killed", epoch=record.attempts, processes=str(leftovers)))
         return Attempt(record, status, running, output, died, tokens_seen)
 
-    def decide_outcome(self, done: Attempt, spec: AgentSpec) -> Outcome | None:
-        """What the attempt comes to, with its side effects (events, alerts,
-        the breaker); None if there is nothing to record (cancelled, taken over)."""
-        record, reason = done.record, done.running.reason
-        if reason == HANDBACK:
-            error = TaskError(kind=ErrorKind.LOST, message="handed back at worker shutdown")
-            outcome = Outcome(State.RETRYING, error=error, retry_in=0.0)
-        elif reason is not None and reason != TIMEOUT:
-            # Cancelled (already recorded) or taken over (our writes are fenced off).
-            log.info("task %s attempt %d ended: %s", record.id, record.attempts, reason)
-            self.store.events.add(record.id, "attempt_ended", epoch=record.attempts, reason=reason,
-                                 attempt=str(record.attempts))
-            return None
-        elif done.container_died:
-            outcome = retry_or_fail(ErrorKind.CRASH, f"the container died under attempt "
-                                    f"{record.attempts} (exit status {done.status.code})",
-                                    attempt=record.attempts, spec=spec, rng=self.rng)
-        else:
-            status = ExitStatus(done.status.code, timed_out=reason == TIMEOUT)
-            outcome = classify(status, agent=record.agent, attempt=record.attempts, spec=spec,
-                               last_stdout_line=done.output.last_line("stdout"),
-                               last_stderr_line=done.output.last_line("stderr"), rng=self.rng)
-            if outcome.error is not None and outcome.error.kind == ErrorKind.CREDENTIAL:
-                outcome = self.credential_failed(record, outcome, done.tokens_seen, spec)
-            elif outcome.state == State.SUCCEEDED:
-                self.credentials.breaker.succeeded(record.agent)
-        return outcome
-
-    def credential_failed(self, record: TaskRecord, outcome: Outcome, seen: dict[str, str],
-                          spec: AgentSpec) -> Outcome:
-        """Record and alert; open the breaker after enough in a row; retry at
-        once if the operator rotated the token while the attempt ran."""
-        token = outcome.token or ""
-        self.store.events.add(record.id, "credential_failure", epoch=record.attempts, token=token,
-                             attempt=str(record.attempts))
-        self.credentials.alerts.emit(
-            CREDENTIAL_FAILURE, record.agent,
-            f"task {record.id} attempt {record.attempts}: "
-            f"{outcome.error.message if outcome.error else 'credential failure'}",
-            task=record.id, token=token, host=self.settings.host)
-        self.credentials.breaker.credential_failure(record.agent, token, spec.breaker_threshold)
-        if outcome.state == State.RETRYING and self.credentials.tokens.fingerprints(record.agent) != seen:
-            log.info("task %s: token rotated during the attempt; retrying at once", record.id)
-            return Outcome(outcome.state, outcome.error, retry_in=0.0, token=outcome.token)
-        return outcome
+    def facts(self, done: Attempt) -> AttemptFacts:
+        """What the attempt left, with whether a token was rotated while it ran."""
+        record = done.record
+        rotated = self.credentials.tokens.fingerprints(record.agent) != done.tokens_seen
+        return AttemptFacts(
+            task_id=record.id, agent=record.agent, host=self.settings.host, attempt=record.attempts,
+            exit_code=done.status.code, reason=done.running.reason,
+            container_died=done.container_died,
+            last_stdout_line=done.output.last_line("stdout"),
+            last_stderr_line=done.output.last_line("stderr"), token_rotated=rotated)
 
     def engine_failed(self, task_id: str, error: EngineError, spec: AgentSpec) -> None:
         """The container could not be made or the job not forwarded: an
@@ -234,39 +159,10 @@ class TaskRunner:
         record = self.store.records.get(task_id)
         if record.state.final:
             return
-        started = record.state == State.RUNNING
-        attempt = record.attempts if started else record.attempts + 1
-        outcome = retry_or_fail(ErrorKind.CRASH, str(error), attempt=attempt, spec=spec, rng=self.rng)
+        attempt = record.attempts if record.state == State.RUNNING else record.attempts + 1
         log.warning("task %s attempt %d crashed: %s", task_id, attempt, error)
-        self.finish(record.model_copy(update={"attempts": attempt}), outcome, None,
-                    epoch=record.attempts)
-
-    def finish(self, record: TaskRecord, outcome: Outcome, status: ExitStatus | None,
-               epoch: int | None = None) -> None:
-        fields: dict[str, Any] = {
-            "exit_code": None if status is None else status.code,
-            "error": outcome.error,
-            "attempts": record.attempts,
-        }
-        if outcome.state.final:
-            fields.update(result=outcome.result, finished_at=now_iso())
-        elif outcome.retry_in is not None:
-            fields.update(retry_at=now_iso(later_s=outcome.retry_in))
-        try:
-            # An attempt's own outcome applies only while it runs: not once
-            # it was declared lost (`retrying`) or cancelled.
-            self.store.records.transition(record.id, outcome.state,
-                                  epoch=record.attempts if epoch is None else epoch,
-                                  current=record if epoch is None else None,
-                                  require=State.RUNNING if epoch is None else None, **fields)
-        except StaleTransition as refused:  # cancelled while it ran, or taken over
-            log.warning("task %s: outcome of attempt %d refused: %s", record.id, record.attempts,
-                        refused)
-            return
-        if outcome.state == State.RETRYING and outcome.retry_in is not None:
-            self.store.events.add(record.id, "retry", delay=f"{outcome.retry_in:.3f}")
-            self.republish(record, record.attempts + 1, outcome.retry_in)
-        log.info("task %s attempt %d: %s", record.id, record.attempts, outcome.state)
+        self.effects.apply(record, engine_failure(task_id, attempt, record.attempts, str(error),
+                                                  spec, self.rng))
 
 
 def register_consumer(app: Celery, runner: TaskRunner) -> None:

@@ -14,7 +14,7 @@ import pytest
 from support import FLEET
 
 from fleet.cli.bench.run import PARTS
-from fleet.cli.main import BENCH_PARTS
+from fleet.cli.host import BENCH_PARTS
 from fleet.container.spec import LABEL_NAMESPACE
 
 
@@ -54,9 +54,14 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
     assert through["ratio_vs_noop"] == pytest.approx(
         through["fleet_3x2_tasks_per_s"] / through["bare6_noop_tasks_per_s"])
 
+    cli = report["cli"]
+    assert 0 < cli["python_ms"] < cli["help_ms"] and 0 < cli["status_ms"]
+
     assert "hundred" not in report
     goals = {goal["goal"]: goal["met"] for goal in report["goals"]}
-    assert len(goals) == 5 and all(isinstance(met, bool) for met in goals.values())
+    assert len(goals) == 6 and all(isinstance(met, bool) for met in goals.values())
+    assert goals["`fleet --help` and `fleet status` start in ≤ 0.2 s"] == (
+        max(cli["help_ms"], cli["status_ms"]) <= 200)
     assert goals["channel ≥ 10 x faster than exec per task"] == (ratios["c_p50_over_d"] >= 10)
 
     left = [c.name for c in docker_client.containers.list(all=True, filters={"label": LABEL_NAMESPACE})

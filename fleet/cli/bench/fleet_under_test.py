@@ -1,0 +1,79 @@
+"""A fleet of the benchmark's own: a namespace, a config whose agents run
+`cat`, one `fleet worker`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from fleet.cli.bench.measure import log_tail, stop_process
+from fleet.errors import FleetError
+from fleet.record import State, TaskRecord
+
+if TYPE_CHECKING:
+    from fleet.cli.bench.run import Bench
+
+
+class BenchFleet:
+    """A fleet of the benchmark's own: a namespace, a config whose agents run
+    `cat`, one `fleet worker`; on leaving, the worker is stopped and the
+    namespace's containers and volumes are removed."""
+
+    def __init__(self, bench: Bench, namespace: str, agents: dict[str, int],
+                 forwarding: str = "channel") -> None:
+        from fleet.client import FleetClient
+        from fleet.settings import load_settings
+
+        self.bench = bench
+        self.namespace = namespace
+        config = bench.scratch / f"{namespace}.toml"
+        lines = [f"redis_url = {json.dumps(bench.redis_url)}", f"namespace = {json.dumps(namespace)}",
+                 'host_id = "bench"', f"forwarding = {json.dumps(forwarding)}",
+                 f"secrets_dir = {json.dumps(str(bench.scratch / 'secrets'))}"]
+        for agent, slots in agents.items():
+            lines += [f"[agents.{agent}]", 'command = ["cat"]', f"concurrency = {slots}"]
+        config.write_text("\n".join(lines) + "\n")
+        os.environ["FLEET_CONFIG"] = str(config)
+        self.settings = load_settings()
+        self.client = FleetClient(self.settings)
+        self.env = {**bench.env, "FLEET_CONFIG": str(config)}
+        self.log_path = bench.scratch / f"{namespace}-worker.log"
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> BenchFleet:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self.worker is not None:
+            stop_process(self.worker, timeout=180)
+        self.bench.remove_namespace(self.namespace)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("wb") as log:
+            self.worker = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker"], env=self.env,
+                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self.worker
+
+    def container_name(self, agent: str) -> str:
+        from fleet.container.spec import build_spec
+
+        return build_spec(self.settings, agent).name
+
+    def run(self, agents: list[str], timeout: float = 120) -> None:
+        """One task per entry of `agents`, all submitted at once; returns
+        when all have succeeded."""
+        try:
+            for task_id in [self.client.submit(agent, {}) for agent in agents]:
+                self.check(self.client.wait(task_id, timeout))
+        except FleetError as error:
+            raise FleetError(f"{error}; the worker's log:\n{log_tail(self.log_path)}") from None
+
+    def check(self, record: TaskRecord) -> None:
+        if record.state != State.SUCCEEDED:
+            raise FleetError(f"benchmark task {record.id} of {record.agent} ended {record.state}: "
+                             f"{record.error}")

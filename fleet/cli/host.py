@@ -1,0 +1,110 @@
+"""Commands for the host itself: the worker, the agent image, the isolation
+audit, the doctor, the demo and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from fleet.cli.context import Context, pass_context
+from fleet.errors import UsageError
+
+
+@click.command()
+@click.option("--agent", "agent_names", multiple=True, help="Serve only these agents.")
+@pass_context
+def worker(ctx: Context, agent_names: tuple[str, ...]) -> None:
+    """Run the consumers for these agents (default: all) in the foreground."""
+    from fleet.worker.main import configure_logging, run_workers
+
+    if not ctx.settings.agents:
+        raise UsageError("no agents configured: add an [agents.NAME] table to fleet.toml")
+    configure_logging()
+    sys.exit(run_workers(ctx.settings, list(agent_names)))
+
+
+@click.group()
+def image() -> None:
+    """The agent image."""
+
+
+@image.command("build")
+@click.option("--tag", default="fleet-agent:latest", show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild even if the image is current.")
+@click.option("--base", default=None, help="Base image (default: registry base, else debootstrap).")
+def image_build(tag: str, force: bool, base: str | None) -> None:
+    """Build the agent image if it is missing or out of date."""
+    from fleet.container.engine import connect
+    from fleet.container.image import build_image
+
+    build_image(connect(timeout=1800), tag, force=force, base=base,
+                report=lambda line: click.echo(f"[image] {line}"))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+@click.option("--image", "image_tag", is_flag=False, flag_value="fleet-agent:latest", default=None,
+              help="Also audit an image's filesystem and config (default fleet-agent:latest).")
+@pass_context
+def audit(ctx: Context, as_json: bool, image_tag: str | None) -> None:
+    """Check this host's fleet containers, token directories (and an image)
+    against the isolation policy; exit 1 on any failure."""
+    from fleet.cli.audit import audit_host, audit_image
+    from fleet.container.engine import connect
+
+    client = connect()
+    findings = audit_host(ctx.settings, client)
+    if image_tag:
+        findings += audit_image(client, image_tag)
+    for finding in findings:
+        click.echo(json.dumps(finding.as_dict()) if as_json else finding.line())
+    if not findings:
+        click.echo("no fleet containers on this host yet: start `fleet worker`")
+    if not all(f.ok for f in findings):
+        sys.exit(1)
+
+
+@click.command()
+@pass_context
+def doctor(ctx: Context) -> None:
+    """Check the Docker engine, Redis, the image and the secrets directory."""
+    from fleet.cli.doctor import print_checks, run_checks
+
+    checks = run_checks(ctx.settings)
+    print_checks(checks, click.echo)
+    if not all(check.ok for check in checks):
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--keep", is_flag=True, help="Leave the demo's Redis, workers and containers up.")
+def demo(keep: bool) -> None:
+    """A tour: brings up what is missing, runs boss/dev/reviewer, shows tasks flowing."""
+    from fleet.cli.demo import run_demo
+
+    started = time.monotonic()
+    sys.exit(run_demo(keep=keep, started=started))
+
+
+# fleet.cli.bench.run.PARTS, without importing it
+BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli")
+
+
+@click.command()
+@click.option("--tasks", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Tasks per measurement (throughput: 4 x as many).")
+@click.option("--only", multiple=True, type=click.Choice(BENCH_PARTS), help="Run only this part.")
+@click.option("--skip", multiple=True, type=click.Choice(BENCH_PARTS), help="Skip this part.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def bench(tasks: int, only: tuple[str, ...], skip: tuple[str, ...], as_json: bool) -> None:
+    """Measure fleet against bare Celery and docker run, on a private Redis:
+    round trips (a)-(e), cold start, 3 agents x 2 slots, 100 agents on this host."""
+    from fleet.cli.bench.run import run_bench
+
+    if only and skip:
+        raise UsageError("give --only or --skip, not both")
+    parts = [part for part in BENCH_PARTS if (part in only if only else part not in skip)]
+    sys.exit(run_bench(tasks, parts, as_json))

@@ -1,0 +1,123 @@
+"""Commands on tasks: submit, status, wait, tasks, logs, cancel."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet.cli.context import Context, pass_context, print_record
+from fleet.errors import UsageError
+from fleet.states import State
+
+
+def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, Any]:
+    if payload is not None and payload_file is not None:
+        raise UsageError("give --payload or --payload-file, not both")
+    if payload_file is not None:
+        try:
+            payload = payload_file.read_text()
+        except OSError as error:
+            raise UsageError(f"--payload-file: cannot read {str(payload_file)!r}: "
+                             f"{error.strerror}") from None
+    if payload is None:
+        return {}
+    try:
+        value = json.loads(payload)
+    except ValueError as error:
+        raise UsageError(f"payload is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"payload must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+@click.command()
+@click.argument("agent")
+@click.option("--payload", help="The task's payload, a JSON object.")
+@click.option("--payload-file", type=click.Path(path_type=Path), help="Read the payload from a file.")
+@click.option("--key", help="Idempotency key: the same key gives the same task, published once.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the task; exit 0 only if it succeeded.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
+@click.option("--host", help="Run it only on this host (e.g. for its state volume there).")
+@pass_context
+def submit(ctx: Context, agent: str, payload: str | None, payload_file: Path | None,
+           key: str | None, wait_: bool, timeout: float | None, host: str | None) -> None:
+    """Publish a task for AGENT and print its id."""
+    body = read_payload(payload, payload_file)
+    task_id = ctx.client.submit(agent, body, key=key, host=host)
+    if not wait_:
+        click.echo(task_id)
+        return
+    record = ctx.client.wait(task_id, timeout)
+    print_record(record, as_json=True)
+    sys.exit(0 if record.state == State.SUCCEEDED else 1)
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def status(ctx: Context, task_id: str, as_json: bool) -> None:
+    """Show one task's record."""
+    print_record(ctx.client.status(task_id), as_json)
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True))
+@pass_context
+def wait(ctx: Context, task_id: str, timeout: float | None) -> None:
+    """Block until the task is final; exit 0 only if it succeeded."""
+    record = ctx.client.wait(task_id, timeout)
+    print_record(record, as_json=True)
+    sys.exit(0 if record.state == State.SUCCEEDED else 1)
+
+
+@click.command()
+@click.option("--agent")
+@click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def tasks(ctx: Context, agent: str | None, state: str | None, as_json: bool) -> None:
+    """List tasks, newest first."""
+    records = ctx.client.tasks(agent=agent, state=state)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json", exclude={"key"}) for r in records]))
+        return
+    from fleet.cli.display import task_table
+
+    task_table(records).print()
+
+
+@click.command()
+@click.argument("task_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the task is final.")
+@pass_context
+def logs(ctx: Context, task_id: str, follow: bool) -> None:
+    """Print the task's output."""
+    store = ctx.client.store
+    store.records.get(task_id)
+    for batch in store.events.follow(store.keys.events(task_id), block_ms=2000 if follow else None):
+        for event in batch:
+            if event.type == "output":
+                stream = sys.stderr if event.fields.get("stream") == "stderr" else sys.stdout
+                stream.write(event.fields.get("data", ""))
+                stream.flush()
+        if not batch and store.records.get(task_id).state.final:
+            return
+
+
+@click.command()
+@click.argument("task_id")
+@pass_context
+def cancel(ctx: Context, task_id: str) -> None:
+    """Cancel a queued or running task."""
+    before = ctx.client.status(task_id)
+    if before.state.final:
+        click.echo(f"task {task_id} is already {before.state}; nothing changed")
+        return
+    ctx.client.cancel(task_id)
+    click.echo(f"task {task_id} cancelled (was {before.state})")
