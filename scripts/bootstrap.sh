@@ -79,6 +79,8 @@ make_venv() {
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   [ -x "$venv/bin/python" ] || { say "creating .venv"; python3 -m venv "$venv"; }
   say "installing fleet and its dev tools into .venv"
+  # The distribution was called `fleet` before 0.3 (now `agent-fleet`): drop the old one.
+  "$venv/bin/pip" uninstall -y -q fleet >/dev/null 2>&1 || true
   "$venv/bin/pip" install -q -e ".[dev]" >"$log_dir/pip.log" 2>&1 \
     || { tail -n 20 "$log_dir/pip.log" >&2; die "pip install failed; see $log_dir/pip.log"; }
   echo "$want" >"$stamp"

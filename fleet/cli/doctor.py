@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import docker
-import redis
 
 from fleet.container.engine import connect
 from fleet.container.image import image_is_current
-from fleet.errors import EngineError
+from fleet.errors import EngineError, StateStoreError
 from fleet.settings import FleetSettings
 
 
@@ -39,16 +38,17 @@ def check_engine() -> tuple[Check, docker.DockerClient | None]:
 
 
 def check_redis(settings: FleetSettings) -> Check:
-    from fleet.connection import connect_redis
+    from fleet.connection import connect_redis, redis_errors
 
     shown = redis_display(settings.redis_url)
     if settings.redis_url.startswith("sentinel://"):
         shown += f" (master {settings.redis_sentinel_master})"
     try:
-        client = connect_redis(settings, decode_responses=False, socket_connect_timeout=3,
-                               socket_timeout=3)
-        info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
-    except redis.RedisError as error:
+        with redis_errors():
+            client = connect_redis(settings, decode_responses=False, socket_connect_timeout=3,
+                                   socket_timeout=3)
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]
+    except StateStoreError as error:
         fix = "start redis-server, or point redis_url (FLEET_REDIS_URL) at a running one"
         return Check("redis", False, f"{shown}: {error}", fix)
     return Check("redis", True, f"Redis {info.get('redis_version', '?')} at {shown}")

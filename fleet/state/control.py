@@ -49,6 +49,25 @@ class ControlMessage:
         return cls(notice, subject) if subject and " " not in subject else None
 
 
+class ControlSubscription:
+    """Listening to the control channel; Redis errors as StateStoreError."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        with redis_errors():
+            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub.subscribe(keys.control)
+
+    def receive(self, timeout: float) -> str | None:
+        """The next message's text, or None if none came within `timeout` seconds."""
+        with redis_errors():
+            message = self._pubsub.get_message(timeout=timeout)
+        return None if message is None else str(message["data"])
+
+    def close(self) -> None:
+        with redis_errors():
+            self._pubsub.close()
+
+
 def announce(client: redis.Redis, keys: Keys, notice: Notice, subject: str) -> None:
     """Send a notice to every process of the fleet that listens."""
     with redis_errors():

@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
+from fleet.connection import redis_errors
 from fleet.credentials.breaker import Breaker
 from fleet.state.hosts import HostRegistry
 
@@ -43,7 +44,7 @@ class ConsumptionControl:
         """Re-read the flags, bring consumption in line, and say why this
         consumer may not take tasks now (None: it may)."""
         reason = None
-        with self.breaker.redis.pipeline(transaction=False) as pipe:  # both flags, one round trip
+        with redis_errors(), self.breaker.redis.pipeline(transaction=False) as pipe:  # both flags, one trip
             pipe.exists(self.breaker.keys.paused(self.agent))
             pipe.exists(self.registry.keys.drain(self.host))
             paused, drained = pipe.execute()

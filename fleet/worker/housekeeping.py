@@ -34,16 +34,15 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
-
-import redis
 
 from fleet.broker.publish import Republish
 from fleet.broker.queues import published_task_ids
 from fleet.broker.routing import queue_name
 from fleet.errors import FleetError
 from fleet.record import State
-from fleet.state.control import ControlMessage, Notice
+from fleet.state.control import ControlMessage, ControlSubscription, Notice
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
 from fleet.worker.holdback import ConsumptionControl
@@ -91,23 +90,27 @@ class Housekeeper:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
+            subscription = None
             try:
-                pubsub = self.store.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-                pubsub.subscribe(self.store.keys.control)
+                subscription = ControlSubscription(self.store.redis, self.store.keys)
                 next_tick = 0.0
                 while not self._stopped.is_set():
-                    message = pubsub.get_message(timeout=max(0.0, next_tick - time.monotonic()))
+                    message = subscription.receive(timeout=max(0.0, next_tick - time.monotonic()))
                     if message is not None:
-                        self.notice(str(message["data"]))
+                        self.notice(message)
                     if time.monotonic() >= next_tick:
                         self.tick()
                         next_tick = time.monotonic() + self.interval
-            except (redis.RedisError, FleetError) as error:
+            except FleetError as error:
                 log.warning("housekeeper for %s: %s; retrying", self.agent, error)
                 self._stopped.wait(self.interval)
             except Exception:  # a broker error while republishing, a record it cannot read, …
                 log.exception("housekeeper for %s failed; going on", self.agent)
                 self._stopped.wait(self.interval)
+            finally:
+                if subscription is not None:
+                    with suppress(FleetError):
+                        subscription.close()
 
     def _lease_loop(self) -> None:
         """Leases on a thread of their own: a slow sweep never delays a renewal."""

@@ -7,15 +7,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fleet.cli.bench.measure import log_tail, stop_process
 from fleet.errors import FleetError
 from fleet.record import State, TaskRecord
 
-if TYPE_CHECKING:
-    from fleet.cli.bench.run import Bench
+
+class Workspace(Protocol):
+    """What a bench fleet needs of the run it belongs to (`run.Bench`)."""
+
+    scratch: Path
+    redis_url: str
+    env: dict[str, str]
+
+    def remove_namespace(self, namespace: str) -> None: ...
 
 
 class BenchFleet:
@@ -23,7 +31,7 @@ class BenchFleet:
     `cat`, one `fleet worker`; on leaving, the worker is stopped and the
     namespace's containers and volumes are removed."""
 
-    def __init__(self, bench: Bench, namespace: str, agents: dict[str, int],
+    def __init__(self, bench: Workspace, namespace: str, agents: dict[str, int],
                  forwarding: str = "channel") -> None:
         from fleet.client import FleetClient
         from fleet.settings import load_settings
