@@ -55,7 +55,7 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
         through["fleet_3x2_tasks_per_s"] / through["bare6_noop_tasks_per_s"])
 
     cli = report["cli"]
-    assert 0 < cli["python_ms"] < cli["help_ms"] and 0 < cli["status_ms"]
+    assert 0 < cli["python_ms"] < cli["help_ms"] and cli["status_ms"] > 0
 
     assert "hundred" not in report
     goals = {goal["goal"]: goal["met"] for goal in report["goals"]}

@@ -1,0 +1,248 @@
+"""The channel's protocol (fleet/forwarding/channel.py `Channel`) against a
+fake supervisor on a socket pair: lines of JSON to it, Docker's multiplexed
+stream framing from it (8-byte header: stream, 3 zero bytes, big-endian
+length), as the exec session's attach stream carries them."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any, Generic, TypeVar
+
+import pytest
+
+from fleet.errors import EngineError
+from fleet.forwarding.base import ExitStatus, Job
+from fleet.forwarding.channel import Channel
+
+T = TypeVar("T")
+WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
+STDOUT, STDERR = 1, 2
+
+
+class FakeSupervisor:
+    """The container's end: reads the channel's requests, writes framed replies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.settimeout(WAIT_S)
+        self.lines = sock.makefile("rb")
+
+    def frame(self, data: bytes, stream: int = STDOUT) -> None:
+        self.sock.sendall(struct.pack(">BxxxL", stream, len(data)) + data)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.frame(line(message))
+
+    def request(self) -> dict[str, Any]:
+        raw = self.lines.readline()
+        assert raw, "the channel closed its end"
+        message: dict[str, Any] = json.loads(raw)
+        return message
+
+    def close(self) -> None:
+        self.lines.close()
+        self.sock.close()
+
+
+class Background(Generic[T]):
+    """A blocking call on a thread of its own, with its result or error."""
+
+    def __init__(self, call: Callable[[], T]) -> None:
+        self.call = call
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.value = self.call()
+        except BaseException as error:
+            self.error = error
+        finally:
+            self.done.set()
+
+    def result(self) -> T:
+        assert self.done.wait(WAIT_S), "the call is still blocked"
+        if self.error is not None:
+            raise self.error
+        assert self.value is not None
+        return self.value
+
+
+def line(message: dict[str, Any]) -> bytes:
+    return (json.dumps(message) + "\n").encode()
+
+
+def out(task_id: str, stream: str, data: bytes) -> dict[str, Any]:
+    return {"t": "out", "id": task_id, "s": stream, "d": base64.b64encode(data).decode()}
+
+
+def job(task_id: str) -> Job:
+    return Job(task_id=task_id, agent="dev", attempt=1, payload=b'{"x": 1}', command=["agent", "-v"],
+               user="10001")
+
+
+@pytest.fixture
+def ends() -> Iterator[tuple[socket.socket, FakeSupervisor]]:
+    ours, theirs = socket.socketpair()
+    supervisor = FakeSupervisor(theirs)
+    yield ours, supervisor
+    supervisor.close()
+    ours.close()
+
+
+@pytest.fixture
+def channel(ends: tuple[socket.socket, FakeSupervisor]) -> Iterator[Channel]:
+    ours, supervisor = ends
+    supervisor.send({"t": "ready", "pid": 42})
+    opened = Channel.over(ours, "fake")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def supervisor(ends: tuple[socket.socket, FakeSupervisor]) -> FakeSupervisor:
+    return ends[1]
+
+
+def start_run(channel: Channel, supervisor: FakeSupervisor, task_id: str,
+              output: list[tuple[str, bytes]] | None = None) -> Background[ExitStatus]:
+    """A run, once the supervisor has its request (so the channel waits for its reply)."""
+    sink = [] if output is None else output
+    run = Background(lambda: channel.run(job(task_id), lambda s, d: sink.append((s, d))))
+    request = supervisor.request()
+    assert (request["op"], request["id"]) == ("run", task_id)
+    return run
+
+
+def test_ready_gives_the_supervisor_pid(channel: Channel) -> None:
+    assert channel.supervisor_pid == 42
+    assert channel.usable
+
+
+def test_a_supervisor_gone_before_ready_did_not_start(
+        ends: tuple[socket.socket, FakeSupervisor]) -> None:
+    ours, supervisor = ends
+    supervisor.close()
+    with pytest.raises(EngineError, match="did not start"):
+        Channel.over(ours, "fake")
+
+
+class FakeAPI:
+    """The engine's exec calls, answering with our end of the socket pair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.created: list[tuple[str, list[str], dict[str, Any]]] = []
+
+    def exec_create(self, container_id: str, cmd: list[str], **options: Any) -> dict[str, str]:
+        self.created.append((container_id, cmd, options))
+        return {"Id": "exec-1"}
+
+    def exec_start(self, exec_id: str, socket: bool) -> Any:
+        assert (exec_id, socket) == ("exec-1", True)
+        return self.sock
+
+
+def test_opening_on_a_container_starts_the_supervisor_in_an_exec_session(
+        ends: tuple[socket.socket, FakeSupervisor]) -> None:
+    ours, supervisor = ends
+    api = FakeAPI(ours)
+    container = SimpleNamespace(id="c123", name="fleet-dev-h1", client=SimpleNamespace(api=api))
+    supervisor.send({"t": "ready", "pid": 7})
+    opened = Channel(container, "10001", grace_s=3.0, keepalive_s=20.0)  # type: ignore[arg-type]
+    try:
+        [(container_id, cmd, options)] = api.created
+        assert container_id == "c123"
+        assert cmd[:2] == ["python3", "-c"] and cmd[3:] == ["supervise", "3.0", "20.0"]
+        assert (options["user"], options["stdin"]) == ("10001", True)
+        assert (opened.container_id, opened.name, opened.supervisor_pid) == ("c123", "fleet-dev-h1", 7)
+        assert opened.keepalive_s == 20.0 and opened.usable
+    finally:
+        opened.close()
+
+
+def test_the_run_request_carries_the_job(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = Background(lambda: channel.run(job("t1"), lambda s, d: None))
+    request = supervisor.request()
+    assert request["op"] == "run" and request["id"] == "t1"
+    assert request["argv"] == ["agent", "-v"]
+    assert request["env"] == job("t1").environment
+    assert base64.b64decode(request["stdin"]) == b'{"x": 1}'
+    supervisor.send({"t": "exit", "id": "t1", "code": 0, "left": 0})
+    assert run.result() == ExitStatus(code=0)
+
+
+def test_output_split_across_frames_arrives_intact_and_in_order(
+        channel: Channel, supervisor: FakeSupervisor) -> None:
+    output: list[tuple[str, bytes]] = []
+    run = start_run(channel, supervisor, "t1", output)
+    first = line(out("t1", "stdout", b"hello "))
+    supervisor.frame(first[:10])  # one line in two frames
+    supervisor.frame(first[10:])
+    supervisor.frame(line(out("t1", "stderr", b"warn\n")) + line(out("t1", "stdout", b"world")))  # two in one
+    supervisor.frame(b"supervisor chatter\n", stream=STDERR)  # logged, not parsed
+    supervisor.send({"t": "exit", "id": "t1", "code": 3, "left": 2})
+    assert run.result() == ExitStatus(code=3, leftovers=2)
+    assert output == [("stdout", b"hello "), ("stderr", b"warn\n"), ("stdout", b"world")]
+
+
+def test_the_exit_reply_gives_code_and_leftovers(channel: Channel, supervisor: FakeSupervisor) -> None:
+    first = start_run(channel, supervisor, "t1")
+    second = start_run(channel, supervisor, "t2")
+    supervisor.send({"t": "exit", "id": "t2", "code": 137})  # no "left": none
+    supervisor.send({"t": "exit", "id": "t1", "code": 1, "left": 4})
+    assert second.result() == ExitStatus(code=137, leftovers=0)
+    assert first.result() == ExitStatus(code=1, leftovers=4)
+    assert channel.usable
+
+
+def test_an_unknown_message_type_is_ignored(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = start_run(channel, supervisor, "t1")
+    supervisor.send({"t": "alive"})
+    supervisor.send({"t": "from-a-newer-supervisor", "id": "t1", "code": 9})
+    supervisor.send({"t": "exit", "id": "t1", "code": 0, "left": 0})
+    assert run.result() == ExitStatus(code=0)
+    assert channel.usable
+
+
+def test_a_malformed_line_ends_the_channel_and_fails_every_waiting_run(
+        channel: Channel, supervisor: FakeSupervisor) -> None:
+    first = start_run(channel, supervisor, "t1")
+    second = start_run(channel, supervisor, "t2")
+    supervisor.frame(b"this is not json\n")
+    for run in (first, second):
+        with pytest.raises(EngineError, match="went away"):
+            run.result()
+    assert not channel.alive and not channel.usable
+    with pytest.raises(EngineError, match="closed"):
+        channel.run(job("t3"), lambda s, d: None)
+
+
+def test_the_supervisor_closing_fails_waiting_runs(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = start_run(channel, supervisor, "t1")
+    supervisor.close()
+    with pytest.raises(EngineError, match="went away during task t1"):
+        run.result()
+    assert not channel.usable
+
+
+def test_kill_gets_its_reply_by_ref(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = start_run(channel, supervisor, "t1")
+    kill = Background(lambda: channel.kill(job("t1"), 2.0, ["t1", "t9"]))
+    request = supervisor.request()
+    assert (request["op"], request["id"], request["grace"], request["spare"]) == \
+        ("kill", "t1", 2.0, ["t1", "t9"])
+    supervisor.send({"t": "killed", "ref": request["ref"] + "-other", "n": 99})  # not its reply
+    supervisor.send({"t": "killed", "ref": request["ref"], "n": 3})
+    assert kill.result() == 3
+    assert not run.done.is_set()  # the kill's reply is not the run's
+    supervisor.send({"t": "exit", "id": "t1", "code": -15, "left": 0})
+    assert run.result() == ExitStatus(code=-15)

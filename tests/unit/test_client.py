@@ -1,0 +1,178 @@
+"""FleetClient (fleet/client.py) over fakeredis: what submit refuses and
+writes, idempotency, a failed publish, cancel and its control notice, and
+wait. Publishing itself is replaced by a recorder (see test_broker_queues.py
+for kombu's layout)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import kombu.exceptions
+import pytest
+
+import fleet.broker.publish
+from fleet.client import FleetClient
+from fleet.errors import StateStoreError, UnknownAgent, UsageError, WaitTimeout
+from fleet.record import ErrorKind, State, TaskRecord
+from fleet.settings import AgentSpec, FleetSettings
+
+WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
+
+
+@dataclass
+class Published:
+    task_id: str
+    agent: str
+    host: str | None
+
+
+class Publisher:
+    """Stands in for fleet.broker.publish.publish: records, or fails with `error`."""
+
+    def __init__(self) -> None:
+        self.calls: list[Published] = []
+        self.error: Exception | None = None
+
+    def __call__(self, app: Any, settings: FleetSettings, task_id: str, agent: str,
+                 attempt: int = 1, countdown: float | None = None, host: str | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.calls.append(Published(task_id, agent, host))
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(decode_responses=True)
+
+
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> Publisher:
+    recorder = Publisher()
+    # submit imports it when it first publishes: replace the module's attribute.
+    monkeypatch.setattr(fleet.broker.publish, "publish", recorder)
+    return recorder
+
+
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis: fakeredis.FakeRedis,
+           published: Publisher) -> FleetClient:
+    for name in list(__import__("os").environ):
+        if name.startswith("FLEET_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FLEET_CONFIG", str(tmp_path / "absent.toml"))
+    settings = FleetSettings(agents={"dev": AgentSpec()}, namespace="ns", payload_limit=100)
+    return FleetClient(settings, redis_client=redis)
+
+
+@pytest.mark.parametrize(("agent", "payload", "error", "message"), [
+    ("nope", {}, UnknownAgent, "unknown agent 'nope'"),
+    ("dev", ["not", "a", "dict"], UsageError, "payload must be a JSON object, not list"),
+    ("dev", {"big": "x" * 100}, UsageError, "over payload_limit=100"),
+])
+def test_submit_refuses_bad_input_and_writes_nothing(
+        client: FleetClient, redis: fakeredis.FakeRedis, published: Publisher,
+        agent: str, payload: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        client.submit(agent, payload)
+    assert redis.keys("*") == []
+    assert published.calls == []
+
+
+def test_submit_writes_a_queued_record_and_publishes_it(client: FleetClient,
+                                                        published: Publisher) -> None:
+    task_id = client.submit("dev", {"echo": "hi"})
+    record = client.status(task_id)
+    assert (record.state, record.agent) == (State.QUEUED, "dev")
+    assert client.store.records.get_with_payload(task_id)[1] == {"echo": "hi"}
+    assert published.calls == [Published(task_id, "dev", None)]
+
+
+def test_an_idempotency_key_returns_the_same_task_and_publishes_once(
+        client: FleetClient, published: Publisher) -> None:
+    first = client.submit("dev", {"n": 1}, key="k1")
+    again = client.submit("dev", {"n": 2}, key="k1")
+    other = client.submit("dev", {"n": 3}, key="k2")
+    assert again == first != other
+    assert [p.task_id for p in published.calls] == [first, other]
+    assert client.store.records.get_with_payload(first)[1] == {"n": 1}
+
+
+@pytest.mark.parametrize("failure", [OSError("connection refused"),
+                                     kombu.exceptions.OperationalError("broker away")])
+def test_a_failed_publish_fails_the_task_as_lost(client: FleetClient, published: Publisher,
+                                                 failure: Exception) -> None:
+    published.error = failure
+    with pytest.raises(StateStoreError, match="could not publish task"):
+        client.submit("dev", {})
+    [record] = client.tasks(agent="dev")
+    assert record.state == State.FAILED
+    assert record.error is not None and record.error.kind == ErrorKind.LOST
+    assert str(failure) in record.error.message
+    assert record.finished_at is not None
+
+
+def test_cancel_of_a_queued_task_cancels_it_and_sends_a_notice(
+        client: FleetClient, redis: fakeredis.FakeRedis) -> None:
+    task_id = client.submit("dev", {})
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(client.store.keys.control)
+    cancelled = client.cancel(task_id)
+    assert cancelled.state == State.CANCELLED
+    assert cancelled.error is not None and cancelled.error.kind == ErrorKind.CANCELLED
+    assert client.status(task_id).state == State.CANCELLED
+    deadline = time.monotonic() + WAIT_S
+    message = None
+    while message is None and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+    assert message is not None and message["data"] == f"cancel {task_id}"
+    pubsub.close()
+
+
+def test_cancel_of_a_finished_task_changes_nothing(client: FleetClient) -> None:
+    task_id = client.submit("dev", {})
+    client.store.records.transition(task_id, State.RUNNING)
+    client.store.records.transition(task_id, State.SUCCEEDED, result={"ok": True})
+    assert client.cancel(task_id).state == State.SUCCEEDED
+
+
+def test_wait_returns_once_another_thread_finishes_the_task(
+        client: FleetClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    task_id = client.submit("dev", {})
+    records = client.store.records
+    looked = threading.Event()
+    get = records.get
+
+    def get_and_tell(task_id: str) -> TaskRecord:
+        record = get(task_id)
+        looked.set()
+        return record
+
+    monkeypatch.setattr(records, "get", get_and_tell)
+
+    def finish() -> None:
+        looked.wait(WAIT_S)  # wait() has read the record (still queued): it now follows the stream
+        records.transition(task_id, State.RUNNING)
+        records.transition(task_id, State.SUCCEEDED, result={"answer": 42})
+
+    threading.Thread(target=finish, daemon=True).start()
+    record = client.wait(task_id, timeout=WAIT_S)
+    assert (record.state, record.result) == (State.SUCCEEDED, {"answer": 42})
+
+
+def test_wait_times_out_on_a_task_that_does_not_finish(client: FleetClient) -> None:
+    task_id = client.submit("dev", {})
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match=f"task {task_id} is not final after 0.2 s"):
+        client.wait(task_id, timeout=0.2)
+    assert time.monotonic() - started < WAIT_S
+
+
+def test_wait_on_a_final_task_returns_at_once(client: FleetClient) -> None:
+    task_id = client.submit("dev", {})
+    client.cancel(task_id)
+    assert client.wait(task_id, timeout=0.01).state == State.CANCELLED

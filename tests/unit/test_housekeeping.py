@@ -1,0 +1,213 @@
+"""The housekeeper (fleet/worker/housekeeping.py) over fakeredis, one pass at
+a time (its threads are not started): reaping lost and overdue tasks,
+control notices, keeping leases and fencing. Kills go to a fake forwarder,
+republishing to a recorder, consumption control to a stand-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import cast
+
+import fakeredis
+import pytest
+from docker.models.containers import Container
+
+from fleet.forwarding.base import Job
+from fleet.record import ErrorKind, State, TaskRecord
+from fleet.state.hosts import CONSUMER, HostRegistry
+from fleet.state.store import TaskStore
+from fleet.worker.holdback import ConsumptionControl
+from fleet.worker.housekeeping import OVERDUE_RETRY_S, Housekeeper
+from fleet.worker.running import CANCELLED, LEASE_LOST, RunningTask, RunningTasks
+
+WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
+TTL_S = 30.0
+GRACE_S = 7.0
+OWNER = "h1:4242"
+CONTAINER = cast(Container, object())
+
+
+@dataclass
+class FakeForwarder:
+    """Records kills (task id → grace); `killed(id)` is set when one arrives."""
+
+    kills: dict[str, list[float]] = field(default_factory=dict)
+    events: dict[str, threading.Event] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def killed(self, task_id: str) -> threading.Event:
+        with self.lock:
+            return self.events.setdefault(task_id, threading.Event())
+
+    def kill(self, container: Container, job: Job, grace_s: float,
+             sweep: list[str] | None = None) -> int:
+        with self.lock:
+            self.kills.setdefault(job.task_id, []).append(grace_s)
+        self.killed(job.task_id).set()
+        return 1
+
+
+@dataclass
+class FakeControl:
+    """ConsumptionControl's face to the housekeeper: never held back."""
+
+    host: str = "h1"
+    consuming: bool = True
+
+    def held_back(self) -> str | None:
+        return None
+
+
+@dataclass
+class Republished:
+    task_id: str
+    attempt: int
+    delay: float
+
+
+@dataclass
+class Republisher:
+    calls: list[Republished] = field(default_factory=list)
+
+    def __call__(self, record: TaskRecord, attempt: int, delay: float) -> None:
+        self.calls.append(Republished(record.id, attempt, delay))
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(decode_responses=True)
+
+
+@pytest.fixture
+def store(redis: fakeredis.FakeRedis) -> TaskStore:
+    return TaskStore(redis, "ns", retention_s=1000)
+
+
+@pytest.fixture
+def forwarder() -> FakeForwarder:
+    return FakeForwarder()
+
+
+@pytest.fixture
+def running(forwarder: FakeForwarder) -> RunningTasks:
+    return RunningTasks(forwarder, kill_grace_s=GRACE_S)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def republished() -> Republisher:
+    return Republisher()
+
+
+@pytest.fixture
+def keeper(store: TaskStore, running: RunningTasks, republished: Republisher) -> Housekeeper:
+    return Housekeeper(store, HostRegistry(store.redis, store.keys, heartbeat_s=5.0), "dev", OWNER,
+                       lease_ttl_s=TTL_S, running=running,
+                       control=cast(ConsumptionControl, FakeControl()), republish=republished,
+                       queue_depth=lambda: 0, lost_message_after_s=300.0)
+
+
+def claimed(store: TaskStore, owner: str = OWNER, ttl_s: float = TTL_S) -> TaskRecord:
+    """A new task of agent dev, running its first attempt under `owner`'s lease."""
+    task_id, _ = store.records.create("dev", {})
+    return store.leases.claim(store.records.get(task_id), 1, owner, int(ttl_s * 1000), host="h2")
+
+
+def runs_here(running: RunningTasks, record: TaskRecord, renewed_at: float = 0.0) -> RunningTask:
+    job = Job(task_id=record.id, agent="dev", attempt=record.attempts, payload=b"{}",
+              command=["agent"], user="10001")
+    return running.add(job, CONTAINER, timeout_s=3600, renewed_at=renewed_at)
+
+
+def retrying(store: TaskStore, due_ago_s: float) -> TaskRecord:
+    """A task of agent dev whose first attempt failed, due again `due_ago_s` ago."""
+    task_id, _ = store.records.create("dev", {})
+    store.records.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1})
+    due = datetime.fromtimestamp(time.time() - due_ago_s, UTC).isoformat()
+    return store.records.transition(task_id, State.RETRYING, retry_at=due)
+
+
+def test_reap_records_a_task_whose_lease_is_gone_lost_and_publishes_it_again(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    record = claimed(store, owner="h2:1")
+    store.redis.delete(store.keys.lease(record.id))  # as if it expired: its consumer died
+    keeper.reap()
+    assert republished.calls == [Republished(record.id, 2, 0.0)]
+    after = store.records.get(record.id)
+    assert after.state == State.RETRYING
+    assert after.error is not None and after.error.kind == ErrorKind.LOST
+    keeper.reap()  # no longer running: not reaped twice
+    assert len(republished.calls) == 1
+
+
+def test_reap_leaves_a_task_with_a_live_lease_alone(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    record = claimed(store, owner="h2:1")
+    keeper.reap()
+    assert republished.calls == []
+    after = store.records.get(record.id)
+    assert (after.state, after.attempts, after.error) == (State.RUNNING, 1, None)
+    assert store.leases.owner(record.id) == "h2:1|1"
+
+
+def test_reap_publishes_a_long_overdue_retry_again(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    overdue = retrying(store, due_ago_s=OVERDUE_RETRY_S + 30)
+    retrying(store, due_ago_s=OVERDUE_RETRY_S - 30)  # late, but its message may still come
+    retrying(store, due_ago_s=-600)  # not due yet
+    keeper.reap()
+    assert republished.calls == [Republished(overdue.id, 2, 0.0)]
+    after = store.records.get(overdue.id)
+    assert after.state == State.RETRYING and after.retry_at is not None
+    assert time.time() - datetime.fromisoformat(after.retry_at).timestamp() < OVERDUE_RETRY_S
+    keeper.reap()  # due again from now: not published again at once
+    assert len(republished.calls) == 1
+
+
+def test_a_cancel_notice_ends_that_running_task(
+        keeper: Housekeeper, store: TaskStore, running: RunningTasks, forwarder: FakeForwarder) -> None:
+    cancelled = runs_here(running, claimed(store))
+    other = runs_here(running, claimed(store))
+    keeper.notice("cancel nope")  # not running here: nothing to do
+    keeper.notice(f"cancel {cancelled.job.task_id}")
+    assert cancelled.reason == CANCELLED
+    assert forwarder.killed(cancelled.job.task_id).wait(WAIT_S)
+    assert forwarder.kills[cancelled.job.task_id] == [GRACE_S]
+    assert other.reason is None and other.job.task_id not in forwarder.kills
+
+
+def test_a_notice_about_its_host_reports_to_the_registry(keeper: Housekeeper, store: TaskStore) -> None:
+    key = store.keys.host("h1")
+    keeper.notice("drain h2")  # another host's
+    assert store.redis.hget(key, CONSUMER + "dev") is None
+    keeper.notice("drain h1")
+    assert store.redis.hget(key, CONSUMER + "dev") is not None
+
+
+def test_keep_leases_ends_a_run_whose_lease_was_lost_and_renews_the_others(
+        keeper: Housekeeper, store: TaskStore, running: RunningTasks, forwarder: FakeForwarder) -> None:
+    lost = runs_here(running, claimed(store))
+    kept = runs_here(running, claimed(store, ttl_s=5))
+    store.redis.set(store.keys.lease(lost.job.task_id), "h2:1|2")  # taken over elsewhere
+    before = time.monotonic()
+    keeper.keep_leases()
+    assert lost.reason == LEASE_LOST
+    assert forwarder.killed(lost.job.task_id).wait(WAIT_S)
+    assert forwarder.kills[lost.job.task_id] == [0]  # at once: another consumer runs it now
+    assert kept.reason is None and kept.renewed_at >= before
+    assert store.redis.pttl(store.keys.lease(kept.job.task_id)) > 5000  # renewed to the full TTL
+
+
+def test_fence_ends_a_run_whose_lease_was_not_renewed_in_time(
+        keeper: Housekeeper, store: TaskStore, running: RunningTasks, forwarder: FakeForwarder) -> None:
+    now = time.monotonic()
+    stale = runs_here(running, claimed(store), renewed_at=now - keeper.fence_after - 1)
+    fresh = runs_here(running, claimed(store), renewed_at=now - keeper.fence_after + 5)
+    keeper.fence()
+    assert stale.reason == LEASE_LOST
+    assert forwarder.killed(stale.job.task_id).wait(WAIT_S)
+    assert forwarder.kills[stale.job.task_id] == [keeper.fence_grace]
+    assert keeper.fence_grace < GRACE_S  # it must be over before the lease can expire
+    assert fresh.reason is None and fresh.job.task_id not in forwarder.kills
