@@ -14,7 +14,7 @@ import redis
 from redis.sentinel import Sentinel
 from support import MakeFleet, RedisServer, start_redis, start_sentinel
 
-from fleet.broker.publish import make_celery
+from fleet.broker.celery_app import make_celery
 from fleet.broker.routing import queue_name
 from fleet.record import State
 
