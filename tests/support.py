@@ -316,3 +316,14 @@ def start_sentinel(directory: Path, primary_port: int, master: str = "mymaster")
         raise RuntimeError(f"redis sentinel on port {port} did not start:\n{''.join(seen)}")
     threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
     return RedisServer(f"sentinel://127.0.0.1:{port}", port, process)
+
+
+def all_redis_text(server: RedisServer) -> str:
+    r = redis.Redis.from_url(server.url)
+    dump = []
+    for key in r.scan_iter(count=1000):
+        read = {"string": (r.get,), "hash": (r.hgetall,), "list": (r.lrange, 0, -1),
+                "set": (r.smembers,), "zset": (r.zrange, 0, -1), "stream": (r.xrange,)}
+        method, *args = read[r.type(key).decode()]
+        dump.append(f"{key!r} {method(key, *args)!r}")
+    return "\n".join(dump)

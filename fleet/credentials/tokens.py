@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from fleet.errors import UsageError
 from fleet.settings import FleetSettings, check_token_name
 
 FINGERPRINT_LENGTH = 12
+MAX_TOKEN_BYTES = 64 * 1024
+SAFE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,54 @@ def present(tokens: dict[str, bytes | None]) -> list[bytes]:
 
 def fingerprints_of(tokens: dict[str, bytes | None]) -> dict[str, str]:
     return {name: fingerprint(value) if value else "missing" for name, value in tokens.items()}
+
+
+def read_regular(path: Path) -> bytes | None:
+    try:
+        fd = os.open(path, SAFE_OPEN)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_TOKEN_BYTES:
+            return None
+        return os.read(fd, MAX_TOKEN_BYTES + 1)[:MAX_TOKEN_BYTES]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a token file is replaced (inode, mtime, size)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+class TokenWatch:
+    """Notices an agent's token files being replaced while an attempt runs
+    (a rotation), so the new values are masked too. Made before the tokens
+    are read: a rotation in between is seen, not missed. A check is one
+    stat per token file."""
+
+    def __init__(self, store: TokenStore, agent: str) -> None:
+        self.paths = {name: store.directory(agent) / name for name in store.settings.agent(agent).tokens}
+        self.seen = {name: file_identity(path) for name, path in self.paths.items()}
+
+    def rotated(self) -> list[bytes]:
+        """The values of the token files replaced since the last call."""
+        values = []
+        for name, path in self.paths.items():
+            identity = file_identity(path)
+            if identity != self.seen[name]:
+                self.seen[name] = identity
+                value = read_regular(path)
+                if value:
+                    values.append(value)
+        return values
 
 
 class TokenStore:
@@ -104,14 +155,11 @@ class TokenStore:
         path.unlink()
 
     def read(self, agent: str, name: str) -> bytes | None:
-        """The value, for fleet's own use on the host (fingerprints, masking)."""
-        path = self.directory(agent) / name
-        try:
-            if path.is_symlink():
-                return None  # never follow a link planted in the secrets tree
-            return path.read_bytes()
-        except OSError:
-            return None
+        """The value, for fleet's own use on the host (fingerprints, masking).
+        None unless it is a regular file of at most MAX_TOKEN_BYTES: never a
+        link followed (O_NOFOLLOW, checked on the open file, no race), never a
+        FIFO waited on (O_NONBLOCK)."""
+        return read_regular(self.directory(agent) / name)
 
     def read_all(self, agent: str) -> dict[str, bytes | None]:
         """Every token the agent declares, read once: name → value (None if missing)."""

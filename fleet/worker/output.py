@@ -1,13 +1,20 @@
 """Recording a running task's output into its event stream, masked, within
 the size limit, while keeping the last line of each stream for the job
-protocol (the result is stdout's last line, after masking)."""
+protocol (the result is stdout's last line, after masking).
+
+stdout and stderr are masked as one interleaved text (a value split between
+them is caught); before each chunk the token files are looked at again, so a
+token rotated while the attempt runs is masked from then on, old and new."""
 
 from __future__ import annotations
 
 import codecs
+import json
 import logging
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from fleet.credentials.masking import Masker
+from fleet.credentials.masking import Masker, StreamMasker
 from fleet.errors import StaleTransition, StateStoreError
 from fleet.state.events import EventStreams
 
@@ -20,7 +27,8 @@ STREAMS = ("stdout", "stderr")
 
 class OutputRecorder:
     def __init__(self, events: EventStreams, task_id: str, epoch: int, limit: int,
-                 secrets: list[bytes] | None = None) -> None:
+                 secrets: Iterable[bytes] = (),
+                 rotated: Callable[[], Iterable[bytes]] | None = None) -> None:
         self.events = events
         self.task_id = task_id
         self.epoch = epoch  # the attempt: output is refused once the task has moved on
@@ -28,18 +36,25 @@ class OutputRecorder:
         self.remaining = limit
         self.truncated = False
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
-        self._maskers = {s: Masker(secrets or []) for s in STREAMS}
+        self.masker = Masker(secrets)
+        self._streams = StreamMasker(self.masker)
+        self._rotated = rotated  # values of tokens rotated since the last call (usually none)
         self._tails = dict.fromkeys(STREAMS, "")
         self._unsent: list[tuple[str, str]] = []
 
     def write(self, stream: str, data: bytes) -> None:
-        self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(data)))
+        if self._rotated is not None:
+            self.masker.add(self._rotated())
+        for piece in self._streams.feed(stream, self._decoders[stream].decode(data)):
+            self._record(*piece)
 
     def close(self) -> None:
-        """Release what the maskers hold back (an unfinished last line)."""
+        """Release what the masker holds back (an unfinished last line)."""
         for stream in STREAMS:
-            self._record(stream, self._maskers[stream].feed(self._decoders[stream].decode(b"", True)))
-            self._record(stream, self._maskers[stream].flush())
+            for piece in self._streams.feed(stream, self._decoders[stream].decode(b"", True)):
+                self._record(*piece)
+        for piece in self._streams.close():
+            self._record(*piece)
         self._send()
 
     def flush(self) -> None:
@@ -81,5 +96,25 @@ class OutputRecorder:
         return None
 
     def last_line(self, stream: str) -> str:
+        """The stream's last line, masked. On stdout a JSON line (the result)
+        is masked again after decoding: a value JSON spelled some other way
+        than the masker looks for does not reach the result either."""
         lines = [line for line in self._tails[stream].splitlines() if line.strip()]
-        return lines[-1].strip() if lines else ""
+        line = lines[-1].strip() if lines else ""
+        if stream != "stdout" or not self.masker.active:
+            return line
+        try:
+            value = json.loads(line)
+        except ValueError:
+            return line
+        masked = self._mask_decoded(value)
+        return line if masked == value else json.dumps(masked)
+
+    def _mask_decoded(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.masker.mask(value)
+        if isinstance(value, list):
+            return [self._mask_decoded(v) for v in value]
+        if isinstance(value, dict):
+            return {self.masker.mask(k): self._mask_decoded(v) for k, v in value.items()}
+        return value

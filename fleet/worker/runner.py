@@ -22,7 +22,7 @@ from fleet.broker.celery_app import TASK_NAME
 from fleet.broker.publish import Republish
 from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
-from fleet.credentials.tokens import fingerprints_of, present
+from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
 from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
 from fleet.forwarding.base import ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord
@@ -119,10 +119,11 @@ class TaskRunner:
                                                                  self.settings.kill_grace_s)):
             self.store.events.add(record.id, "previous_attempt_ended", epoch=record.attempts,
                                  processes=str(ended))
+        watch = TokenWatch(self.credentials.tokens, record.agent)  # before the read: no rotation missed
         tokens = self.credentials.tokens.read_all(record.agent)  # each file read once per task
         tokens_seen = fingerprints_of(tokens)
         output = OutputRecorder(self.store.events, record.id, record.attempts, self.settings.log_limit,
-                                present(tokens))
+                                present(tokens), rotated=watch.rotated)
         running = self.running.add(job, container, timeout_s=spec.timeout_s, renewed_at=leased_at)
         try:
             status = self.forwarder.run(container, job, output.write)

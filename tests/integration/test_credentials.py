@@ -15,8 +15,7 @@ from urllib.parse import quote
 
 import docker
 import pytest
-import redis
-from support import FLEET, Fleet, MakeFleet, RedisServer, new_namespace, wait_for_state
+from support import FLEET, Fleet, MakeFleet, RedisServer, all_redis_text, new_namespace, wait_for_state
 
 from fleet.container.spec import LABEL_NAMESPACE, build_spec
 from fleet.credentials.tokens import TokenStore
@@ -150,17 +149,6 @@ def secret_forms(value: str) -> list[str]:
     raw = value.encode()
     return [value, base64.b64encode(raw).decode(), base64.b64encode(raw + b"\n").decode(),
             quote(value, safe="")]
-
-
-def all_redis_text(server: RedisServer) -> str:
-    r = redis.Redis.from_url(server.url)
-    dump = []
-    for key in r.scan_iter(count=1000):
-        read = {"string": (r.get,), "hash": (r.hgetall,), "list": (r.lrange, 0, -1),
-                "set": (r.smembers,), "zset": (r.zrange, 0, -1), "stream": (r.xrange,)}
-        method, *args = read[r.type(key).decode()]
-        dump.append(f"{key!r} {method(key, *args)!r}")
-    return "\n".join(dump)
 
 
 def test_printed_tokens_are_masked_in_logs_result_and_every_redis_key(
