@@ -156,9 +156,12 @@ def tokens_rm(ctx: Context, agent: str, name: str) -> None:
 @pass_context
 def alerts(ctx: Context, follow: bool, as_json: bool) -> None:
     """Credential failures and circuit-breaker openings and closings."""
-    from fleet.cli.display import alert_line
-
     store = ctx.client.store
     for batch in store.events.follow(store.keys.alerts, block_ms=5000 if follow else None):
         for event in batch:
-            click.echo(json.dumps(event.fields) if as_json else alert_line(event.fields))
+            if as_json:
+                click.echo(json.dumps(event.fields))
+                continue
+            from fleet.cli.display import alert_line  # needs the host install (rich)
+
+            click.echo(alert_line(event.fields))

@@ -38,7 +38,9 @@ Report = Callable[[str], None]
 
 def context_hash(context: Path = CONTEXT_DIR) -> str:
     digest = hashlib.sha256(f"recipe {RECIPE}\0".encode())
-    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+    # Only what the build reads: not the bytecode an install compiles next to the agent's script.
+    for path in sorted(p for p in context.rglob("*")
+                       if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"):
         digest.update(path.relative_to(context).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]

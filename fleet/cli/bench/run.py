@@ -83,7 +83,7 @@ class Bench:
     @contextmanager
     def bare_worker(self, slots: int) -> Iterator[None]:
         """A bare Celery worker (fleet.cli.bench.celery_baseline) with `slots` threads."""
-        from fleet import bench_celery
+        from fleet.cli.bench import celery_baseline as bench_celery
 
         bench_celery.configure(self.redis_url)
         with (self.scratch / f"bare-{slots}.log").open("wb") as log:
@@ -99,13 +99,13 @@ class Bench:
             stop_process(process)
 
     def bare_task(self, name: str, timeout: float = 60) -> None:
-        from fleet import bench_celery
+        from fleet.cli.bench import celery_baseline as bench_celery
 
         bench_celery.app.send_task(name).get(timeout=timeout)
 
     def bare_batch(self, name: str, k: int) -> None:
         """k tasks submitted at once; returns when all are done."""
-        from fleet import bench_celery
+        from fleet.cli.bench import celery_baseline as bench_celery
 
         for result in [bench_celery.app.send_task(name) for _ in range(k)]:
             result.get(timeout=600)
