@@ -42,6 +42,7 @@ class ContainerManager:
         self._in_use: Counter[str] = Counter()
         self._verified: dict[str, tuple[Container, float]] = {}
         self._specs: dict[str, ContainerSpec] = {}  # settings are frozen: an agent's spec never changes
+        self._condemned: dict[str, str] = {}  # agent → the id of a container no longer trusted
 
     @contextmanager
     def use(self, agent: str, connected: Callable[[Container], bool] | None = None) -> Iterator[Container]:
@@ -60,6 +61,8 @@ class ContainerManager:
                     container = cached
                     break
                 found, reason = self.inspect(spec)
+                if found is not None and found.id == self._condemned.get(agent):
+                    reason = "no longer trusted"
                 if reason is None and found is not None:
                     container = found
                     self._verified[agent] = (container, time.monotonic())
@@ -79,6 +82,24 @@ class ContainerManager:
             with self._changed:
                 self._in_use[agent] -= 1
                 self._changed.notify_all()
+
+    def condemn(self, agent: str, container: Container, why: str) -> bool:
+        """No longer trust this container of `agent` (its supervisor was
+        lost, or a task outlived its deadline): it is killed now, and
+        replaced before the next task. True the first time for a container."""
+        with self._changed:
+            if self._condemned.get(agent) == container.id:
+                return False
+            self._condemned[agent] = str(container.id)
+            self._verified.pop(agent, None)
+        log.error("container %s is no longer trusted (%s): killing it", container.name, why)
+        with engine_errors(f"killing container {container.name}"), suppress(docker.errors.NotFound):
+            try:
+                container.kill()
+            except docker.errors.APIError as error:
+                if error.status_code != 409:  # 409: it is not running any more
+                    raise
+        return True
 
     def invalidate(self, agent: str) -> None:
         """Look at the engine again before the next task of `agent`."""

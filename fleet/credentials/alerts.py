@@ -25,6 +25,7 @@ HOOK_TIMEOUT_S = 30
 CREDENTIAL_FAILURE = "credential_failure"
 BREAKER_OPENED = "breaker_opened"
 BREAKER_CLOSED = "breaker_closed"
+CONTAINER_CONDEMNED = "container_condemned"  # its supervisor was lost or a task outlived its deadline
 
 
 class Alerts:

@@ -17,6 +17,7 @@ from typing import Protocol
 from docker.models.containers import Container
 
 from fleet.container.spec import HOME, TOKEN_DIR
+from fleet.errors import EngineError
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
 OutputCallback = Callable[[str, bytes], None]
@@ -28,6 +29,12 @@ def supervisor_source() -> str:
     package data: it runs inside the container (as the channel's supervisor,
     and with `kill` to end a task's processes), never in this process."""
     return files("fleet.inside").joinpath("supervisor.py").read_text()
+
+
+class ChannelBroken(EngineError):
+    """The way into a container ended other than by fleet letting go: its
+    supervisor died, broke the protocol or stopped answering. The container
+    is no longer trusted and is recreated."""
 
 
 @dataclass(frozen=True)

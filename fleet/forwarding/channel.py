@@ -1,11 +1,15 @@
 """The consumer's end of the channel: one long-lived exec session per
-container running the supervisor (`fleet/inside/supervisor.py supervise`), carrying line-
-delimited JSON over the Docker API's attach stream (no socket on a bind
-mount, so it works the same on Docker Desktop). Many tasks share it.
+container running the supervisor (`fleet/inside/supervisor.py supervise`),
+carrying line-delimited JSON over the Docker API's attach stream (no socket
+on a bind mount, so it works the same on Docker Desktop). Many tasks share it.
 
-A channel that breaks — the supervisor was killed, the container died —
-fails the tasks it carried with EngineError (the consumer records a crash and
-retries them) and is reopened for the next task."""
+The container is treated as hostile. Every message is bounded and checked
+(`protocol.py`); liveness is a nonce the supervisor must echo, not
+something it may say unasked; its stderr reaches the host's log masked,
+truncated and rate-limited. A channel that ends other than by fleet letting
+go — a violation, a supervisor that died or stopped answering, a container
+that died — raises `ChannelBroken` in every task it carried: the consumer
+records them as crashes (retried) and recreates the container."""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import itertools
 import json
 import logging
 import queue
+import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from docker.models.containers import Container
@@ -26,60 +32,82 @@ from docker.utils.socket import STDERR, frames_iter
 from fleet.container.engine import engine_errors
 from fleet.container.spec import HOME
 from fleet.errors import EngineError
-from fleet.forwarding.base import ExitStatus, Job, OutputCallback, supervisor_source
+from fleet.forwarding.base import ChannelBroken, ExitStatus, Job, OutputCallback, supervisor_source
+from fleet.forwarding.protocol import LineReader, ProtocolViolation, parse_message
 
 log = logging.getLogger(__name__)
 
 KILL_REPLY_MARGIN_S = 30.0
-KEEPALIVE_S = 60.0  # the supervisor says it is alive this often
-SILENT_BEATS = 3  # a channel silent this many keepalives is dead (hung, or a half-open connection)
+KEEPALIVE_S = 20.0  # fleet pings the supervisor this often
+SILENT_PINGS = 3  # a supervisor that has answered none of this many pings is hung or cut off
+STDERR_CHARS = 500  # of one line of the supervisor's stderr, in the host's log
+STDERR_LINES_PER_MINUTE = 20
 CLOSED = object()
+Mask = Callable[[str], str]
+# How the supervisor is started: isolated (-I: no PYTHON* variables, no user
+# site, no script directory on the path; -S: no `site`, so no
+# `sitecustomize`), from the root directory, never from the agent's $HOME.
+SUPERVISOR_PYTHON = ("python3", "-I", "-S", "-c")
+SUPERVISOR_CWD = "/"
+
+
+def unmasked(text: str) -> str:
+    return text
 
 
 class Channel:
     def __init__(self, container: Container, user: str, grace_s: float,
-                 keepalive_s: float = KEEPALIVE_S) -> None:
+                 keepalive_s: float = KEEPALIVE_S, mask: Mask = unmasked) -> None:
         assert container.client is not None
         api = container.client.api
         with engine_errors(f"starting the supervisor in {container.name}"):
             exec_id = api.exec_create(container.id,
-                                      ["python3", "-c", supervisor_source(), "supervise", str(grace_s),
-                                       str(keepalive_s)],
-                                      stdin=True, stdout=True, stderr=True, user=user, workdir=HOME)
+                                      [*SUPERVISOR_PYTHON, supervisor_source(), "supervise", str(grace_s)],
+                                      stdin=True, stdout=True, stderr=True, user=user,
+                                      workdir=SUPERVISOR_CWD)
             sock = api.exec_start(exec_id["Id"], socket=True)
         self.container_id = container.id
-        self._attach(sock, container.name, keepalive_s)
+        self._attach(sock, container.name, keepalive_s, mask)
 
     @classmethod
-    def over(cls, sock: Any, name: str, keepalive_s: float = KEEPALIVE_S) -> Channel:
+    def over(cls, sock: Any, name: str, keepalive_s: float = KEEPALIVE_S,
+             mask: Mask = unmasked) -> Channel:
         """A channel over a socket already connected to a supervisor, which
         writes in Docker's stream framing (what `__init__` does once it has
         opened the exec session): the protocol alone, as the unit tests
         drive it over a socket pair."""
         channel = cls.__new__(cls)
         channel.container_id = None
-        channel._attach(sock, name, keepalive_s)
+        channel._attach(sock, name, keepalive_s, mask)
         return channel
 
-    def _attach(self, sock: Any, name: str | None, keepalive_s: float) -> None:
+    def _attach(self, sock: Any, name: str | None, keepalive_s: float, mask: Mask) -> None:
         """Start reading the supervisor's messages; return once it is ready."""
         self.name = name
         self.sock = sock
         self.raw: socket.socket = self.sock._sock if hasattr(self.sock, "_sock") else self.sock
+        self.mask = mask
         self.write_lock = threading.Lock()
         self.lock = threading.Lock()
         self.outputs: dict[str, OutputCallback] = {}
         self.waiters: dict[str, queue.Queue[Any]] = {}
         self.refs = itertools.count()
         self.alive = True
+        self.closing = False  # fleet let go: the end of the stream is no breakage
+        self.broken: str | None = None  # why the channel can no longer be trusted
         self.keepalive_s = keepalive_s
-        self.heard_at = time.monotonic()  # when the supervisor last said anything
+        self.pings: dict[str, float] = {}  # nonce → when it was sent, until answered
+        self.heard_at = time.monotonic()  # the last answer to a ping
+        self.stderr_allowance = float(STDERR_LINES_PER_MINUTE)
+        self.stderr_at = time.monotonic()
         self.ready: queue.Queue[Any] = queue.Queue()
+        self.said_ready = False
         threading.Thread(target=self._read, name=f"channel-{self.name}", daemon=True).start()
         ready = self.ready.get(timeout=30)
         if ready is CLOSED:
-            raise EngineError(f"the supervisor in {self.name} did not start")
+            raise ChannelBroken(f"the supervisor in {self.name} did not start: {self.broken}")
         self.supervisor_pid = int(ready["pid"])  # in the container's pid namespace
+        threading.Thread(target=self._ping, name=f"ping-{self.name}", daemon=True).start()
 
     def send(self, message: dict[str, Any]) -> None:
         data = (json.dumps(message) + "\n").encode()
@@ -88,13 +116,15 @@ class Channel:
                 self.raw.sendall(data)
         except OSError as error:
             self.alive = False
-            raise EngineError(f"the channel into {self.name} is closed: {error}") from None
+            if not self.closing and self.broken is None:
+                self.broken = f"the stream broke: {error}"
+            raise self.ended(f"while sending {message.get('op')!r}") from None
 
     def run(self, job: Job, on_output: OutputCallback) -> ExitStatus:
         done: queue.Queue[Any] = queue.Queue()
         with self.lock:
             if not self.alive:
-                raise EngineError(f"the channel into {self.name} is closed")
+                raise self.ended(f"before task {job.task_id}")
             self.outputs[job.task_id] = on_output
             self.waiters[job.task_id] = done
         try:
@@ -106,8 +136,8 @@ class Channel:
                 self.outputs.pop(job.task_id, None)
                 self.waiters.pop(job.task_id, None)
         if reply is CLOSED:
-            raise EngineError(f"the supervisor in {self.name} went away during task {job.task_id}")
-        return ExitStatus(code=int(reply["code"]), leftovers=int(reply.get("left", 0)))
+            raise self.ended(f"during task {job.task_id}")
+        return ExitStatus(code=reply["code"], leftovers=reply["left"])
 
     def kill(self, job: Job, grace_s: float, sweep: list[str] | None) -> int:
         ref = f"k{next(self.refs)}"
@@ -123,36 +153,71 @@ class Channel:
             with self.lock:
                 self.waiters.pop(ref, None)
         if reply is CLOSED:
-            raise EngineError(f"the supervisor in {self.name} went away")
+            raise self.ended(f"while ending task {job.task_id}")
         return int(reply["n"])
+
+    def ended(self, when: str) -> EngineError:
+        """The error for a request the channel ended under."""
+        if self.broken is not None:
+            return ChannelBroken(f"the channel into {self.name} broke {when}: {self.broken}")
+        return EngineError(f"the channel into {self.name} was closed {when}")
 
     @property
     def usable(self) -> bool:
-        """Open, and heard from lately: a supervisor silent for several
-        keepalives is hung or cut off, and the channel is given up."""
-        return self.alive and time.monotonic() - self.heard_at < SILENT_BEATS * self.keepalive_s
+        return self.alive and self.broken is None
 
     def close(self) -> None:
         """Let go: the supervisor sees the end of its input and ends its tasks."""
+        self.closing = True
+        self._shut()
+
+    def break_off(self, why: str) -> None:
+        """End the channel as no longer trusted."""
+        if self.broken is None:
+            self.broken = why
+        log.error("channel into %s: %s", self.name, why)
+        self._shut()
+
+    def _shut(self) -> None:
         self.alive = False
         with contextlib.suppress(OSError):
             self.raw.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
+    def _ping(self) -> None:
+        """Ask for a fresh nonce back every keepalive; a supervisor that
+        answers none of SILENT_PINGS in a row is hung (stopped, looping) or
+        cut off. The traffic also keeps a proxy in front of the engine from
+        closing an idle connection."""
+        while self.alive:
+            time.sleep(self.keepalive_s)
+            if not self.alive:
+                return
+            if time.monotonic() - self.heard_at > SILENT_PINGS * self.keepalive_s:
+                self.break_off(f"the supervisor answered none of {SILENT_PINGS} pings")
+                return
+            nonce = secrets.token_hex(8)
+            with self.lock:
+                self.pings[nonce] = time.monotonic()
+            with contextlib.suppress(EngineError):
+                self.send({"op": "ping", "nonce": nonce})
+
     def _read(self) -> None:
-        pending = b""
+        lines = LineReader()
         try:
             for stream, data in frames_iter(self.sock, tty=False):  # type: ignore[no-untyped-call]
                 if stream == STDERR:
-                    log.warning("supervisor in %s: %s", self.name, data.decode(errors="replace").strip())
+                    self._stderr(data)
                     continue
-                self.heard_at = time.monotonic()
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self._dispatch(json.loads(line))
-        except (OSError, ValueError) as error:
-            log.warning("channel into %s: %s", self.name, error)
+                for line in lines.feed(data):
+                    self._dispatch(parse_message(line))
+            if not self.closing:
+                self.broken = self.broken or "the supervisor's stream ended (it died or was killed)"
+        except ProtocolViolation as violation:
+            self.break_off(f"protocol violation: {violation}")
+        except (OSError, ValueError) as error:  # ValueError: read from a socket closed meanwhile
+            if not self.closing:
+                self.broken = self.broken or f"the stream broke: {error}"
         finally:
             self.alive = False
             self.ready.put(CLOSED)
@@ -161,19 +226,43 @@ class Channel:
             for waiter in waiters:
                 waiter.put(CLOSED)
 
+    def _stderr(self, data: bytes) -> None:
+        """The supervisor's stderr (its own errors): masked, each line cut
+        short, at most STDERR_LINES_PER_MINUTE lines a minute in the log."""
+        now = time.monotonic()
+        self.stderr_allowance = min(float(STDERR_LINES_PER_MINUTE), self.stderr_allowance
+                                    + (now - self.stderr_at) * STDERR_LINES_PER_MINUTE / 60)
+        self.stderr_at = now
+        for line in data.decode(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            if self.stderr_allowance < 1:
+                return
+            self.stderr_allowance -= 1
+            log.warning("supervisor in %s: %s", self.name, self.mask(line)[:STDERR_CHARS])
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["t"]
         if kind == "out":
             with self.lock:
                 callback = self.outputs.get(message["id"])
             if callback is not None:
-                callback(message["s"], base64.b64decode(message["d"]))
+                callback(message["s"], message["d"])
         elif kind in ("exit", "killed"):
             with self.lock:
                 waiter = self.waiters.get(message["id"] if kind == "exit" else message["ref"])
             if waiter is not None:
                 waiter.put(message)
-        elif kind == "ready":
+        elif kind == "pong":
+            with self.lock:
+                sent = self.pings.pop(message["nonce"], None)
+            if sent is None:
+                raise ProtocolViolation("an answer to a ping fleet did not send")
+            self.heard_at = time.monotonic()
+        elif self.said_ready:
+            raise ProtocolViolation("a second 'ready'")
+        else:
+            self.said_ready = True
             self.ready.put(message)
 
 
@@ -181,10 +270,12 @@ class ChannelForwarder:
     """The default forwarder: a channel per container, opened on first use
     and reopened when it breaks."""
 
-    def __init__(self, user: str, grace_s: float, keepalive_s: float = KEEPALIVE_S) -> None:
+    def __init__(self, user: str, grace_s: float, keepalive_s: float = KEEPALIVE_S,
+                 mask: Mask = unmasked) -> None:
         self.user = user
         self.grace_s = grace_s  # how long the supervisor lets tasks stop when the channel closes
         self.keepalive_s = keepalive_s
+        self.mask = mask
         self.channels: dict[str, Channel] = {}
         self.lock = threading.Lock()
 
@@ -194,13 +285,12 @@ class ChannelForwarder:
             current = self.channels.get(key)
             if current is not None and current.usable:
                 return current
-            if current is not None:
-                if current.alive:
-                    log.warning("channel into %s silent for %.0f s: opening a new one", current.name,
-                                time.monotonic() - current.heard_at)
-                current.close()
+            if current is not None and current.broken is not None:
+                # Never a second supervisor in a container whose first one was
+                # lost: the consumer recreates the container.
+                raise current.ended("earlier")
             log.info("opening the channel into %s", container.name)
-            opened = Channel(container, self.user, self.grace_s, self.keepalive_s)
+            opened = Channel(container, self.user, self.grace_s, self.keepalive_s, self.mask)
             self.channels[key] = opened
             return opened
 

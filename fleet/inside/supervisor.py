@@ -1,25 +1,32 @@
 """Runs INSIDE an agent's container, as the agent's user, with nothing but
-Python's standard library (its source is read as package data and passed to `python3 -c`).
+Python's standard library. Its source is read as package data on the host
+and passed to `python3 -I -S -c` with `/` as its working directory: no
+environment variable, user site, `sitecustomize` or module the agent planted
+in $HOME, /tmp or /state is ever imported. Before it reads anything it
+makes itself non-dumpable, so a task (same uid) can neither read its memory
+nor open its stdin or stdout through /proc to forge or read messages.
 
-    python3 -c SOURCE supervise GRACE KEEPALIVE  the supervisor: JSON lines on stdin/stdout
-    python3 -c SOURCE kill ORDER     end one task's processes (docker exec fallback)
+    python3 -I -S -c SOURCE supervise GRACE   the supervisor: JSON lines on stdin/stdout
+    python3 -I -S -c SOURCE kill ORDER        end one task's processes (docker exec fallback)
 
 The supervisor starts each task in its own session with exactly the
 environment and stdin it is given, streams its output back tagged with the
 task id, reports its exit status, and then ends whatever the task left
-behind. It is a child subreaper, so a daemon a task double-forks is re-parented
-to it and counted as a stray. When its stdin closes — the consumer died or
-let go — it ends every task it started and exits: a dead consumer never
-leaves a run going.
+behind. It is a child subreaper, so a daemon a task double-forks is
+re-parented to it. When it starts, and after each task, it ends every
+process of the container it cannot attribute to a running task — by its
+descent from the task's process, its session, or the task's mark in its
+environment — including processes whose environment it cannot read and
+processes re-parented to PID 1; only PID 1, the container's own command and
+the supervisor itself are kept. When its stdin closes — the consumer died or
+let go — it ends every task and exits.
 
 Messages in:  {"op": "run", "id", "argv", "env", "cwd", "stdin": b64}
               {"op": "kill", "id", "grace", "ref", "spare": [ids] | null}
-It says it is alive every KEEPALIVE seconds, so an idle channel carries
-data (a proxy in front of the engine closes a silent connection) and a
-consumer can tell a hung or unreachable supervisor from a quiet one.
-
+              {"op": "ping", "nonce"}
 Messages out: {"t": "ready", "pid"}
-              {"t": "alive"}
+              {"t": "pong", "nonce"}     (answered from the loop that reads
+                                          requests: a hung supervisor does not answer)
               {"t": "out", "id", "s": "stdout"|"stderr", "d": b64}
               {"t": "exit", "id", "code", "left"}
               {"t": "killed", "ref", "n"}
@@ -27,24 +34,39 @@ Messages out: {"t": "ready", "pid"}
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import ctypes
-import json
-import os
-import signal
-import subprocess
 import sys
-import threading
-import time
-from typing import Any, BinaryIO, ClassVar
 
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # first of all: before any input is read
+
+import base64  # noqa: E402  (after the prctl on purpose)
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any, BinaryIO, ClassVar  # noqa: E402
+
 CHUNK = 65536
 
 
-def processes() -> dict[int, tuple[int, int, int, set[bytes]]]:
-    """pid → (parent, start time, session, environment entries)."""
+class Proc:
+    """One process of the container, as /proc shows it to a process of the same uid."""
+
+    __slots__ = ("env", "parent", "pid", "session", "start")
+
+    def __init__(self, pid: int, parent: int, start: int, session: int, env: set[bytes] | None) -> None:
+        self.pid, self.parent, self.start, self.session, self.env = pid, parent, start, session, env
+
+
+def processes() -> dict[int, Proc]:
+    """Every process but PID 1 and this one. The environment is None where
+    it cannot be read (a non-dumpable process): such a process is still listed."""
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in (1, os.getpid()):
@@ -53,11 +75,15 @@ def processes() -> dict[int, tuple[int, int, int, set[bytes]]]:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone
+        env: set[bytes] | None
+        try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = set(f.read().split(b"\0"))
-            found[pid] = (int(fields[1]), int(fields[19]), os.getsid(pid), env)
         except OSError:
-            continue
+            env = None
+        found[pid] = Proc(pid, int(fields[1]), int(fields[19]), int(fields[3]), env)
     return found
 
 
@@ -65,38 +91,67 @@ def mark(task_id: str) -> bytes:
     return ("FLEET_TASK_ID=" + task_id).encode()
 
 
-def task_pids(task_id: str, spare: list[str] | None, parents: set[int],
-              live: frozenset[int] = frozenset()) -> set[int]:
-    """The task's processes (its mark or its session); with `spare` (the
-    tasks still running, by id and by the pids `live` of their own
-    processes), also the strays: children of PID 1 or of the supervisor that
-    belong to no running task, and their sessions."""
+def container_command(info: dict[int, Proc]) -> set[int]:
+    """The container's own command: the first child of PID 1."""
+    children = sorted((p.start, p.pid) for p in info.values() if p.parent == 1)
+    return {children[0][1]} if children else set()
+
+
+def descendants(info: dict[int, Proc], roots: set[int]) -> set[int]:
+    found, todo = set(), list(roots)
+    children: dict[int, list[int]] = {}
+    for p in info.values():
+        children.setdefault(p.parent, []).append(p.pid)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.add(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def attributed(info: dict[int, Proc], task_id: str, mains: set[int]) -> set[int]:
+    """A task's processes: its own process (`mains`) and those carrying its
+    mark, everything below them, and everything in their sessions."""
+    marked = {p.pid for p in info.values() if p.env is not None and mark(task_id) in p.env}
+    below = descendants(info, (mains | marked) & set(info))
+    sessions = {info[pid].session for pid in below}
+    return {p.pid for p in info.values() if p.pid in below or p.session in sessions}
+
+
+def task_pids(task_id: str, spare: dict[str, set[int]] | None,
+              own: frozenset[int] | set[int] = frozenset()) -> set[int]:
+    """The task's processes; with `spare` (the running tasks: id → their
+    own processes), also the strays: every process re-parented to PID 1 or
+    to this process (the subreaper) that no running task accounts for —
+    readable or not — with everything below it and in its session. The
+    container's command, and what the host started (`docker exec`, parent 0),
+    are never strays."""
     info = processes()
-    ours = {sid for _, _, sid, env in info.values() if mark(task_id) in env}
-    found = {pid for pid, (_, _, sid, env) in info.items() if sid in ours or mark(task_id) in env}
+    found = attributed(info, task_id, set(own)) if task_id else set()
     if spare is None:
         return found
-    kept = {sid for _, _, sid, env in info.values() if any(mark(t) in env for t in spare)}
-    kept |= {info[pid][2] for pid in live if pid in info}
-    children = sorted((start, pid) for pid, (parent, start, _, _) in info.items() if parent in parents)
-    command = [pid for _, pid in children if info[pid][0] == 1][:1]  # the container's own command
-    strays = {pid for _, pid in children if pid not in command and info[pid][2] not in kept}
-    stray_sessions = {info[pid][2] for pid in strays} - kept - {info[p][2] for p in command}
-    found |= strays | {pid for pid, (_, _, sid, _) in info.items() if sid in stray_sessions}
-    return found - set(command)
+    kept = set().union(*(attributed(info, t, mains) for t, mains in spare.items()))
+    kept |= container_command(info)
+    orphans = {p.pid for p in info.values() if p.parent in (1, os.getpid())} - kept
+    strays = descendants(info, orphans)
+    sessions = {info[pid].session for pid in strays}
+    strays |= {p.pid for p in info.values() if p.session in sessions}
+    return found | (strays - kept)
 
 
-def end(task_id: str, grace: float, spare: list[str] | None, parents: set[int],
-        live: frozenset[int] = frozenset()) -> int:
+def end(task_id: str, grace: float, spare: dict[str, set[int]] | None,
+        own: frozenset[int] | set[int] = frozenset()) -> int:
     """SIGTERM, then SIGKILL after `grace`; returns once none is left."""
-    found = task_pids(task_id, spare, parents, live)
+    found = task_pids(task_id, spare, own)
     if not found:
         return 0
     signal_all(found, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     deadline = time.monotonic() + grace
-    while (left := task_pids(task_id, spare, parents, live)) and time.monotonic() < deadline:
+    while (left := task_pids(task_id, spare, own)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    while left := task_pids(task_id, spare, parents, live):
+    while left := task_pids(task_id, spare, own):
         signal_all(left, signal.SIGKILL)
         reap_strays()
         time.sleep(0.01)
@@ -113,24 +168,22 @@ def signal_all(pids: set[int], sig: int) -> None:
 def reap_strays() -> None:
     """Collect the exit status of re-parented strays that died (zombies
     under the subreaper), without touching the tasks' own children."""
-    for pid, (parent, _, _, _) in processes().items():
-        if parent == os.getpid() and pid not in Supervisor.mains:
+    for proc in processes().values():
+        if proc.parent == os.getpid() and proc.pid not in Supervisor.mains.values():
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+                os.waitpid(proc.pid, os.WNOHANG)
 
 
 class Supervisor:
-    mains: ClassVar[set[int]] = set()  # the pids of the tasks' own processes
+    mains: ClassVar[dict[str, int]] = {}  # task id → the pid of the task's own process
 
-    def __init__(self, grace: float, keepalive: float) -> None:
+    def __init__(self, grace: float) -> None:
         self.grace = grace
-        self.keepalive = keepalive
         self.lock = threading.Lock()
         # Held while a task is being started and while strays are swept: a
-        # child between fork and exec carries no mark yet and must not look
+        # child between fork and exec is no task's yet and must not look
         # like a stray.
         self.spawning = threading.Lock()
-        self.tasks: dict[str, subprocess.Popen[bytes]] = {}
         self.out = sys.stdout.buffer
 
     def send(self, message: dict[str, Any]) -> None:
@@ -139,24 +192,23 @@ class Supervisor:
             self.out.write(line)
             self.out.flush()
 
+    def running(self, but: str = "") -> dict[str, set[int]]:
+        return {task: {pid} for task, pid in Supervisor.mains.items() if task != but}
+
     def serve(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        end("", 0, {})  # whatever an earlier supervisor or its tasks left behind
         self.send({"t": "ready", "pid": os.getpid()})
-        threading.Thread(target=self.keep_alive, daemon=True).start()
         for line in sys.stdin.buffer:
             message = json.loads(line)
+            if message["op"] == "ping":
+                self.send({"t": "pong", "nonce": message["nonce"]})
+                continue
             target = self.run if message["op"] == "run" else self.kill
             threading.Thread(target=target, args=(message,), daemon=True).start()
-        # The consumer is gone: end everything this supervisor started (its
-        # children, the tasks' sessions and the strays re-parented to it),
-        # SIGTERM first so a task can stop cleanly.
-        end("", self.grace, [], {os.getpid()})
-
-    def keep_alive(self) -> None:
-        while True:
-            time.sleep(self.keepalive)
-            self.send({"t": "alive"})
+        # The consumer is gone: end everything in the container but PID 1
+        # and its command, SIGTERM first so a task can stop cleanly.
+        end("", self.grace, {})
 
     def run(self, message: dict[str, Any]) -> None:
         task_id = message["id"]
@@ -165,14 +217,13 @@ class Supervisor:
                 child = subprocess.Popen(message["argv"], env=message["env"], cwd=message["cwd"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, start_new_session=True)
-                Supervisor.mains.add(child.pid)
+                Supervisor.mains[task_id] = child.pid
         except OSError as error:
             self.send({"t": "out", "id": task_id, "s": "stderr",
                        "d": base64.b64encode(f"fleet: cannot start {message['argv'][0]}: "
                                              f"{error.strerror}\n".encode()).decode()})
             self.send({"t": "exit", "id": task_id, "code": 127, "left": 0})
             return
-        self.tasks[task_id] = child
         assert child.stdin and child.stdout and child.stderr
         feeder = threading.Thread(target=self.feed, args=(child.stdin, message["stdin"]), daemon=True)
         readers = [threading.Thread(target=self.pump, args=(task_id, name, stream), daemon=True)
@@ -181,12 +232,10 @@ class Supervisor:
             thread.start()
         code = child.wait()
         with self.spawning:  # what it left behind, and strays of no running task
-            Supervisor.mains.discard(child.pid)
-            running = [t for t in self.tasks if t != task_id]
-            left = end(task_id, 0, running, {os.getpid()}, frozenset(Supervisor.mains))
+            Supervisor.mains.pop(task_id, None)
+            left = end(task_id, 0, self.running(), {child.pid})
         for reader in readers:
             reader.join()
-        self.tasks.pop(task_id, None)
         self.send({"t": "exit", "id": task_id, "code": code, "left": left})
 
     @staticmethod
@@ -202,23 +251,25 @@ class Supervisor:
             self.send({"t": "out", "id": task_id, "s": name, "d": base64.b64encode(chunk).decode()})
 
     def kill(self, message: dict[str, Any]) -> None:
-        spare = message.get("spare")
-        if spare is None:
-            n = end(message["id"], float(message["grace"]), None, {os.getpid()})
+        task_id, grace = message["id"], float(message["grace"])
+        own = {pid} if (pid := Supervisor.mains.get(task_id)) else set()
+        if message.get("spare") is None:
+            n = end(task_id, grace, None, own)
         else:
             with self.spawning:
-                n = end(message["id"], float(message["grace"]), spare, {os.getpid()},
-                        frozenset(Supervisor.mains))
+                n = end(task_id, grace, self.running(but=task_id), own)
         self.send({"t": "killed", "ref": message["ref"], "n": n})
 
 
 def main() -> None:
+    os.chdir("/")
     if sys.argv[1] == "supervise":
-        Supervisor(float(sys.argv[2]), float(sys.argv[3])).serve()
+        Supervisor(float(sys.argv[2])).serve()
     else:
         order = json.loads(sys.argv[2])
-        spare = order["spare"] if order["sweep"] else None
-        print(end(order["task"], float(order["grace"]), spare, {1}), flush=True)
+        spare: dict[str, set[int]] | None = (
+            {task: set() for task in order["spare"]} if order["sweep"] else None)
+        print(end(order["task"], float(order["grace"]), spare), flush=True)
 
 
 if __name__ == "__main__":

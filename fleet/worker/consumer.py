@@ -13,6 +13,7 @@ from typing import Any
 
 from celery.exceptions import SecurityWarning
 from celery.signals import worker_shutting_down
+from docker.models.containers import Container
 
 from fleet.broker.celery_app import make_celery
 from fleet.broker.publish import republish
@@ -21,9 +22,11 @@ from fleet.broker.routing import queue_name
 from fleet.connection import connect_redis
 from fleet.container.engine import connect
 from fleet.container.manager import ContainerManager
-from fleet.credentials.alerts import Alerts
+from fleet.credentials.alerts import CONTAINER_CONDEMNED, Alerts
 from fleet.credentials.breaker import Breaker
+from fleet.credentials.masking import Masker
 from fleet.credentials.tokens import TokenStore
+from fleet.errors import FleetError
 from fleet.forwarding.base import Forwarder
 from fleet.forwarding.channel import ChannelForwarder
 from fleet.forwarding.exec import ExecForwarder
@@ -58,9 +61,27 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
     control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
     install(app, control)
-    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s)
+    tokens = TokenStore(settings)
+
+    def mask(text: str) -> str:
+        return Masker(tokens.values(agent)).mask(text)
+
+    def condemn(container: Container, why: str) -> None:
+        """Kill a container fleet no longer trusts, and say so once."""
+        if not manager.condemn(agent, container, why):
+            return
+        try:
+            alerts.emit(CONTAINER_CONDEMNED, agent, f"container {container.name} of agent {agent} "
+                        f"is no longer trusted and was killed; a new one serves the next task: {why}",
+                        container=str(container.name), host=settings.host)
+        except FleetError as error:
+            log.error("could not raise the alert for container %s: %s", container.name, error)
+
+    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s, mask=mask)
                             if settings.forwarding == "channel" else ExecForwarder())
-    running = RunningTasks(forwarder, settings.kill_grace_s)
+    running = RunningTasks(forwarder, settings.kill_grace_s,
+                           force=lambda task: condemn(task.container, f"task {task.job.task_id} ran past "
+                                                      "its timeout and the supervisor did not end it"))
 
     def publish_again(record: TaskRecord, attempt: int, delay: float) -> None:
         republish(app, settings, record, attempt, delay)
@@ -68,9 +89,9 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     def queue_depth() -> int:
         return waiting_messages(store.redis, store.keys, queues)
 
-    credentials = Credentials(TokenStore(settings), breaker, alerts)
+    credentials = Credentials(tokens, breaker, alerts)
     register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
-                                      credentials, control.held_back, owner))
+                                      credentials, control.held_back, owner, condemn))
     housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
                               publish_again, queue_depth, settings.lost_message_after_s)
 

@@ -28,7 +28,7 @@ class AttemptFacts:
     attempt: int
     exit_code: int
     reason: str | None  # why fleet ended it (timeout, cancel, hand-back, lost lease), if it did
-    container_died: bool
+    container_lost: str | None  # why the container (or the way into it) was lost under it, if it was
     last_stdout_line: str = ""
     last_stderr_line: str = ""
     token_rotated: bool = False  # a token's value changed while the attempt ran
@@ -110,9 +110,9 @@ def decide(facts: AttemptFacts, spec: AgentSpec, rng: random.Random) -> Decision
         # Cancelled (already recorded) or taken over (our writes are fenced off).
         ended = RecordEvent("attempt_ended", (("reason", reason), ("attempt", str(facts.attempt))))
         return Decision(None, (ended,))
-    if facts.container_died:
-        outcome = retry_or_fail(ErrorKind.CRASH, f"the container died under attempt {facts.attempt} "
-                                f"(exit status {facts.exit_code})", attempt=facts.attempt, spec=spec,
+    if facts.container_lost is not None and reason != TIMEOUT:
+        outcome = retry_or_fail(ErrorKind.CRASH, f"attempt {facts.attempt} was lost with its "
+                                f"container: {facts.container_lost}", attempt=facts.attempt, spec=spec,
                                 rng=rng)
         return recorded(facts, outcome)
     outcome = classify(ExitStatus(facts.exit_code, timed_out=reason == TIMEOUT), agent=facts.agent,

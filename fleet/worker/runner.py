@@ -24,7 +24,7 @@ from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
 from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
-from fleet.forwarding.base import ExitStatus, Forwarder, Job
+from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.store import TaskStore
@@ -42,20 +42,25 @@ class HeldBack(FleetError):
 @dataclass
 class Attempt:
     """What one run of a task left: its exit status, why fleet ended it (if
-    it did), whether the container died under it, and its output."""
+    it did), why the container was lost under it (if it was), and its output."""
 
     record: TaskRecord
     status: ExitStatus
     running: RunningTask
     output: OutputRecorder
-    container_died: bool
+    container_lost: str | None
     tokens_seen: dict[str, str]
+
+
+# No longer trust a container (and kill it): (the container, why).
+Condemn = Callable[[Container, str], None]
 
 
 class TaskRunner:
     def __init__(self, settings: FleetSettings, store: TaskStore, containers: ContainerManager,
                  forwarder: Forwarder, running: RunningTasks, republish: Republish,
-                 credentials: Credentials, held_back: Callable[[], str | None], owner: str) -> None:
+                 credentials: Credentials, held_back: Callable[[], str | None], owner: str,
+                 condemn: Condemn) -> None:
         self.settings = settings
         self.store = store
         self.containers = containers
@@ -66,6 +71,7 @@ class TaskRunner:
         self.effects = Effects(store, credentials, republish)
         self.held_back = held_back  # why this consumer may not take tasks now, or None
         self.owner = owner
+        self.condemn = condemn
         self.rng = random.Random()
 
     def run(self, task_id: str, attempt: int | None = None) -> None:
@@ -84,8 +90,10 @@ class TaskRunner:
         if (reason := self.held_back()) is not None:
             raise HeldBack(reason)
         spec = self.settings.agent(record.agent)
+        held: Container | None = None
         try:
             with self.containers.use(record.agent, self.forwarder.connected) as container:
+                held = container
                 try:
                     leased_at = time.monotonic()  # the lease runs from before the claim
                     record = self.store.leases.claim(
@@ -96,10 +104,12 @@ class TaskRunner:
                     return
                 done = self.attempt(record, payload, spec, container, leased_at)
         except EngineError as error:
+            if isinstance(error, ChannelBroken) and held is not None:
+                self.condemn(held, str(error))
             self.containers.invalidate(record.agent)
             self.engine_failed(task_id, error, spec)
             return
-        if done.container_died:
+        if done.container_lost is not None:
             self.containers.invalidate(record.agent)
         until_stored(done.record, done.output.flush)
         facts = self.facts(done)
@@ -125,23 +135,29 @@ class TaskRunner:
         output = OutputRecorder(self.store.events, record.id, record.attempts, self.settings.log_limit,
                                 present(tokens), rotated=watch.rotated)
         running = self.running.add(job, container, timeout_s=spec.timeout_s, renewed_at=leased_at)
+        lost: str | None = None
         try:
             status = self.forwarder.run(container, job, output.write)
+        except ChannelBroken as broken:
+            self.condemn(container, str(broken))
+            status, lost = ExitStatus(code=-1), str(broken)
         finally:
             output.close()
             self.running.remove(record.id)
-        died = False
-        if not 0 <= status.code < 128:  # killed by a signal: was it the whole container?
+        if lost is None and not 0 <= status.code < 128:  # killed by a signal: was it the whole container?
             with engine_errors(f"inspecting container {container.name}"):
                 container.reload()
-            died = container.status != "running"
+            if container.status != "running":
+                lost = f"it died (exit status {status.code})"
+        if lost is not None:
+            return Attempt(record, status, running, output, lost, tokens_seen)
         # Nothing the task started keeps running after it, nor any orphan.
         live = [task.job.task_id for task in self.running.all()]
-        leftovers = status.leftovers + (0 if died else self.forwarder.kill(container, job, 0, sweep=live))
+        leftovers = status.leftovers + self.forwarder.kill(container, job, 0, sweep=live)
         if leftovers:
             until_stored(record, lambda: self.store.events.add(
                 record.id, "leftover_processes_killed", epoch=record.attempts, processes=str(leftovers)))
-        return Attempt(record, status, running, output, died, tokens_seen)
+        return Attempt(record, status, running, output, None, tokens_seen)
 
     def facts(self, done: Attempt) -> AttemptFacts:
         """What the attempt left, with whether a token was rotated while it ran."""
@@ -150,7 +166,7 @@ class TaskRunner:
         return AttemptFacts(
             task_id=record.id, agent=record.agent, host=self.settings.host, attempt=record.attempts,
             exit_code=done.status.code, reason=done.running.reason,
-            container_died=done.container_died,
+            container_lost=done.container_lost,
             last_stdout_line=done.output.last_line("stdout"),
             last_stderr_line=done.output.last_line("stderr"), token_rotated=rotated)
 

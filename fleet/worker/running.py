@@ -3,7 +3,12 @@
 Fleet ends a running task for a reason — its timeout, a cancel, a hand-back
 at shutdown, a lost lease — by killing its processes inside the container;
 the consumer then reads the reason to record the right outcome. One thread
-per process watches the timeouts (not a timer thread per task)."""
+per process watches the timeouts (not a timer thread per task).
+
+Ending a task through the supervisor needs the supervisor's cooperation. So
+each task has a second, host-side deadline — its timeout, the kill grace and
+FORCE_MARGIN_S — past which, if its run has still not returned, the
+container itself is killed from outside (`force`) and replaced."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -27,6 +32,8 @@ TIMEOUT = "timeout"
 CANCELLED = "cancelled"
 HANDBACK = "handback"
 LEASE_LOST = "lease-lost"
+FORCE_MARGIN_S = 10.0  # after timeout + kill grace: the supervisor has not ended the task
+Force = Callable[["RunningTask"], None]
 
 
 @dataclass
@@ -48,11 +55,13 @@ class RunningTask:
 
 
 class RunningTasks:
-    def __init__(self, forwarder: Forwarder, kill_grace_s: float) -> None:
+    def __init__(self, forwarder: Forwarder, kill_grace_s: float, force: Force | None = None) -> None:
         self.forwarder = forwarder
         self.kill_grace_s = kill_grace_s
+        self.force = force
         self._tasks: dict[str, RunningTask] = {}
-        self._deadlines: list[tuple[float, int, str]] = []  # a heap of (monotonic, serial, task id)
+        # A heap of (monotonic, serial, task id, forced): the timeout, and the host-side deadline.
+        self._deadlines: list[tuple[float, int, str, bool]] = []
         self._serials = itertools.count()
         self.in_flight = 0  # messages being handled: from receipt until their outcome is stored
         self._lock = threading.Condition()
@@ -75,8 +84,12 @@ class RunningTasks:
         task = RunningTask(job, container, serial=next(self._serials), renewed_at=renewed_at)
         with self._lock:
             self._tasks[job.task_id] = task
-            heapq.heappush(self._deadlines, (time.monotonic() + timeout_s, task.serial, job.task_id))
-            if len(self._deadlines) > 2 * len(self._tasks) + 1000:  # mostly finished tasks
+            timeout_at = time.monotonic() + timeout_s
+            heapq.heappush(self._deadlines, (timeout_at, task.serial, job.task_id, False))
+            if self.force is not None:
+                forced_at = timeout_at + self.kill_grace_s + FORCE_MARGIN_S
+                heapq.heappush(self._deadlines, (forced_at, task.serial, job.task_id, True))
+            if len(self._deadlines) > 4 * len(self._tasks) + 1000:  # mostly finished tasks
                 self._deadlines = [d for d in self._deadlines if self._run(d[2], d[1]) is not None]
                 heapq.heapify(self._deadlines)
             self._lock.notify()
@@ -92,10 +105,20 @@ class RunningTasks:
             with self._lock:
                 while not self._deadlines or self._deadlines[0][0] > time.monotonic():
                     self._lock.wait(self._deadlines[0][0] - time.monotonic() if self._deadlines else None)
-                _, serial, task_id = heapq.heappop(self._deadlines)
+                _, serial, task_id, forced = heapq.heappop(self._deadlines)
                 task = self._run(task_id, serial)
-            if task is not None:
+            if task is None:
+                continue
+            if not forced:
                 self._end(task, TIMEOUT, self.kill_grace_s)
+            elif self.force is not None:
+                log.error("task %s is still running %.0f s past its timeout: killing its container",
+                          task_id, self.kill_grace_s + FORCE_MARGIN_S)
+                task.mark(TIMEOUT)
+                try:
+                    self.force(task)
+                except FleetError as error:
+                    log.error("could not kill the container of task %s: %s", task_id, error)
 
     def remove(self, task_id: str) -> None:
         with self._lock:

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 
 import docker
-from support import MakeFleet, task_processes, wait_for_state
+import pytest
+from support import Fleet, MakeFleet, task_processes, wait_for_state
 
 from fleet.container.manager import ContainerManager
 from fleet.container.spec import build_spec
-from fleet.forwarding.base import Job
+from fleet.forwarding.base import ChannelBroken, Job
 from fleet.forwarding.channel import ChannelForwarder
 from fleet.record import ErrorKind, State
 
@@ -103,25 +104,34 @@ def test_a_supervisor_killed_from_outside_is_detected_and_the_task_retried(
     crashes = [e.fields for e in client.store.events.of_task(task_id)
                if e.fields.get("error") == ErrorKind.CRASH]
     assert crashes, "the broken channel was not recorded as a crash"
+    # The container whose supervisor was lost is no longer trusted: it was replaced, and said so.
+    assert record.container != container.short_id
+    condemned = [a for a in fleet_alerts(fleet) if a["kind"] == "container_condemned"]
+    assert len(condemned) == 1 and condemned[0]["agent"] == "dev"
+    assert "stream ended" in condemned[0]["message"]
 
 
-def test_an_idle_channel_keeps_talking_and_a_silent_one_is_replaced(
+def test_an_idle_channel_answers_pings_and_a_silent_one_is_broken(
         make_fleet: MakeFleet, docker_client: docker.DockerClient) -> None:
     fleet = make_fleet({"dev": {}})
     container = ContainerManager(docker_client, fleet.settings).ensure("dev")
     forwarder = ChannelForwarder("10001", grace_s=1, keepalive_s=0.2)
     first = forwarder.channel(container)
     opened_at = first.heard_at
-    # Idle, it still carries data (a proxy in front of the engine drops silent connections).
-    assert until(lambda: first.heard_at > opened_at), "no keepalive from an idle supervisor"
+    # Idle, it answers fleet's pings (traffic a proxy in front of the engine needs, too).
+    assert until(lambda: first.heard_at > opened_at), "an idle supervisor answered no ping"
     assert forwarder.connected(container)
-    # A hung supervisor (or a half-open connection) goes silent: given up, a new channel serves.
+    # A hung supervisor (or a half-open connection) answers no more: the channel is broken,
+    # and no second supervisor is started in that container (the consumer replaces it).
     stop = f"import os, signal; os.kill({first.supervisor_pid}, signal.SIGSTOP)"
     assert container.exec_run(["python3", "-c", stop], user="10001").exit_code == 0
     assert until(lambda: not forwarder.connected(container)), "a silent channel still counted as up"
-    status = forwarder.run(container, job("t-after", ["cat"], {"n": 1}), lambda stream, data: None)
-    assert status.code == 0
-    assert forwarder.channel(container) is not first
+    with pytest.raises(ChannelBroken, match="answered none"):
+        forwarder.run(container, job("t-after", ["cat"], {"n": 1}), lambda stream, data: None)
+
+
+def fleet_alerts(fleet: Fleet) -> list[dict[str, str]]:
+    return [json.loads(line) for line in fleet.cli("alerts", "--json").stdout.splitlines()]
 
 
 def until(condition: Callable[[], bool], timeout: float = 10) -> bool:

@@ -6,10 +6,12 @@ length), as the exec session's attach stream carries them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, Generic, TypeVar
@@ -17,8 +19,9 @@ from typing import Any, Generic, TypeVar
 import pytest
 
 from fleet.errors import EngineError
-from fleet.forwarding.base import ExitStatus, Job
+from fleet.forwarding.base import ChannelBroken, ExitStatus, Job
 from fleet.forwarding.channel import Channel
+from fleet.forwarding.protocol import MAX_LINE, LineReader, ProtocolViolation
 
 T = TypeVar("T")
 WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
@@ -161,8 +164,9 @@ def test_opening_on_a_container_starts_the_supervisor_in_an_exec_session(
     try:
         [(container_id, cmd, options)] = api.created
         assert container_id == "c123"
-        assert cmd[:2] == ["python3", "-c"] and cmd[3:] == ["supervise", "3.0", "20.0"]
-        assert (options["user"], options["stdin"]) == ("10001", True)
+        # Isolated (-I -S) and from /: nothing the agent planted is on its path.
+        assert cmd[:4] == ["python3", "-I", "-S", "-c"] and cmd[5:] == ["supervise", "3.0"]
+        assert (options["user"], options["stdin"], options["workdir"]) == ("10001", True, "/")
         assert (opened.container_id, opened.name, opened.supervisor_pid) == ("c123", "fleet-dev-h1", 7)
         assert opened.keepalive_s == 20.0 and opened.usable
     finally:
@@ -197,20 +201,32 @@ def test_output_split_across_frames_arrives_intact_and_in_order(
 def test_the_exit_reply_gives_code_and_leftovers(channel: Channel, supervisor: FakeSupervisor) -> None:
     first = start_run(channel, supervisor, "t1")
     second = start_run(channel, supervisor, "t2")
-    supervisor.send({"t": "exit", "id": "t2", "code": 137})  # no "left": none
+    supervisor.send({"t": "exit", "id": "t2", "code": 137, "left": 0})
     supervisor.send({"t": "exit", "id": "t1", "code": 1, "left": 4})
     assert second.result() == ExitStatus(code=137, leftovers=0)
     assert first.result() == ExitStatus(code=1, leftovers=4)
     assert channel.usable
 
 
-def test_an_unknown_message_type_is_ignored(channel: Channel, supervisor: FakeSupervisor) -> None:
+@pytest.mark.parametrize("message", [
+    {"t": "alive"},  # unsolicited: liveness is an answer to a ping now
+    {"t": "from-a-newer-supervisor", "id": "t1", "code": 9},
+    {"t": "exit", "id": "t1", "code": "0", "left": 0},
+    {"t": "exit", "id": "t1", "code": True, "left": 0},
+    {"t": "exit", "id": "t1", "code": 0},
+    {"t": "out", "id": "t1", "s": "stdin", "d": ""},
+    {"t": "out", "id": "t1", "s": "stdout", "d": "not base64!"},
+    {"t": "pong", "nonce": "never-sent"},
+    {"t": "ready", "pid": 43},  # a second one
+    ["t", "exit"],
+])
+def test_a_message_outside_the_protocol_breaks_the_channel(
+        channel: Channel, supervisor: FakeSupervisor, message: Any) -> None:
     run = start_run(channel, supervisor, "t1")
-    supervisor.send({"t": "alive"})
-    supervisor.send({"t": "from-a-newer-supervisor", "id": "t1", "code": 9})
-    supervisor.send({"t": "exit", "id": "t1", "code": 0, "left": 0})
-    assert run.result() == ExitStatus(code=0)
-    assert channel.usable
+    supervisor.frame((json.dumps(message) + "\n").encode())
+    with pytest.raises(ChannelBroken, match="protocol violation"):
+        run.result()
+    assert not channel.usable and channel.broken is not None
 
 
 def test_a_malformed_line_ends_the_channel_and_fails_every_waiting_run(
@@ -219,19 +235,85 @@ def test_a_malformed_line_ends_the_channel_and_fails_every_waiting_run(
     second = start_run(channel, supervisor, "t2")
     supervisor.frame(b"this is not json\n")
     for run in (first, second):
-        with pytest.raises(EngineError, match="went away"):
+        with pytest.raises(ChannelBroken, match="protocol violation: not JSON"):
             run.result()
     assert not channel.alive and not channel.usable
-    with pytest.raises(EngineError, match="closed"):
+    with pytest.raises(ChannelBroken):
         channel.run(job("t3"), lambda s, d: None)
+
+
+def test_a_line_without_end_is_refused_at_the_cap(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = start_run(channel, supervisor, "t1")
+    chunk = b"x" * 65536
+    with contextlib.suppress(OSError):  # the channel hangs up once over the cap
+        for _ in range(MAX_LINE // len(chunk) + 2):
+            supervisor.frame(chunk)
+    with pytest.raises(ChannelBroken, match="longer than"):
+        run.result()
 
 
 def test_the_supervisor_closing_fails_waiting_runs(channel: Channel, supervisor: FakeSupervisor) -> None:
     run = start_run(channel, supervisor, "t1")
     supervisor.close()
-    with pytest.raises(EngineError, match="went away during task t1"):
+    with pytest.raises(ChannelBroken, match="during task t1: the supervisor's stream ended"):
         run.result()
     assert not channel.usable
+
+
+def test_fleet_letting_go_is_not_a_breakage(channel: Channel, supervisor: FakeSupervisor) -> None:
+    run = start_run(channel, supervisor, "t1")
+    channel.close()
+    with pytest.raises(EngineError) as raised:
+        run.result()
+    assert not isinstance(raised.value, ChannelBroken) and channel.broken is None
+
+
+def test_pings_are_answered_by_nonce_and_silence_breaks_the_channel(
+        ends: tuple[socket.socket, FakeSupervisor]) -> None:
+    ours, supervisor = ends
+    supervisor.send({"t": "ready", "pid": 42})
+    opened = Channel.over(ours, "fake", keepalive_s=0.05)
+    try:
+        for _ in range(3):
+            ping = supervisor.request()
+            assert ping["op"] == "ping" and len(ping["nonce"]) >= 16
+            supervisor.send({"t": "pong", "nonce": ping["nonce"]})
+        assert opened.usable
+        # Now it stops answering (hung, or stopped by a task): given up after three pings.
+        deadline = time.monotonic() + WAIT_S
+        while opened.usable and time.monotonic() < deadline:
+            time.sleep(0.01)  # a poll with a bound: the pings themselves are the clock here
+        assert opened.broken is not None and "answered none" in opened.broken
+    finally:
+        opened.close()
+
+
+def test_supervisor_stderr_is_masked_cut_short_and_rate_limited(
+        ends: tuple[socket.socket, FakeSupervisor], caplog: pytest.LogCaptureFixture) -> None:
+    ours, supervisor = ends
+    supervisor.send({"t": "ready", "pid": 42})
+    opened = Channel.over(ours, "fake", mask=lambda text: text.replace("s3cret", "[masked]"))
+    try:
+        run = start_run(opened, supervisor, "t1")
+        supervisor.frame(("leaked s3cret " + "y" * 5000 + "\n").encode(), stream=STDERR)
+        supervisor.frame(b"".join(b"line %d\n" % n for n in range(100)), stream=STDERR)
+        supervisor.send({"t": "exit", "id": "t1", "code": 0, "left": 0})
+        run.result()
+    finally:
+        opened.close()
+    logged = [r.getMessage() for r in caplog.records if "supervisor in fake" in r.getMessage()]
+    assert "s3cret" not in "".join(logged) and "[masked]" in logged[0]
+    assert max(len(m) for m in logged) < 600
+    assert len(logged) <= 20
+
+
+def test_the_line_reader_splits_across_chunks_and_scans_each_byte_once() -> None:
+    reader = LineReader(limit=100)
+    assert reader.feed(b"ab") == []
+    assert reader.feed(b"c\nde\nf") == [b"abc", b"de"]
+    assert reader.feed(b"\n") == [b"f"]
+    with pytest.raises(ProtocolViolation):
+        reader.feed(b"z" * 101)
 
 
 def test_kill_gets_its_reply_by_ref(channel: Channel, supervisor: FakeSupervisor) -> None:

@@ -35,7 +35,7 @@ SPEC = AgentSpec(credential_retries=2, transient_retries=1, breaker_threshold=3)
 
 def facts(code: int = 0, attempt: int = 1, **overrides: Any) -> AttemptFacts:
     return AttemptFacts(**{"task_id": "t1", "agent": "dev", "host": "h1", "attempt": attempt,
-                           "exit_code": code, "reason": None, "container_died": False, **overrides})
+                           "exit_code": code, "reason": None, "container_lost": None, **overrides})
 
 
 def kinds(decision: Any) -> list[str]:
@@ -87,9 +87,14 @@ def test_handback_and_timeout_and_a_dead_container() -> None:
     timed = decide(facts(0, reason=TIMEOUT), SPEC, random.Random(1))
     assert timed.outcome is not None and timed.outcome.error is not None
     assert timed.outcome.error.kind == ErrorKind.TIMEOUT
-    died = decide(facts(137, container_died=True), SPEC, random.Random(1))
+    died = decide(facts(137, container_lost="it died (exit status 137)"), SPEC, random.Random(1))
     assert died.outcome is not None and died.outcome.error is not None
     assert died.outcome.error.kind == ErrorKind.CRASH and died.outcome.state == State.RETRYING
+    # A container killed because its task ran past its deadline: the timeout is what counts.
+    forced = decide(facts(-1, reason=TIMEOUT, container_lost="killed at the deadline"), SPEC,
+                    random.Random(1))
+    assert forced.outcome is not None and forced.outcome.error is not None
+    assert forced.outcome.error.kind == ErrorKind.TIMEOUT and forced.outcome.state == State.FAILED
 
 
 def test_an_engine_failure_is_a_crash_fenced_by_the_records_attempt() -> None:
