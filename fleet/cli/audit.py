@@ -9,33 +9,21 @@ number is given."""
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import stat
-import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import docker
 import docker.errors
 
-from fleet.container.engine import engine_errors
 from fleet.container.spec import HOME, LABEL_AGENT, LABEL_SPEC_HASH, STATE_DIR, TOKEN_DIR, build_spec
+from fleet.credentials.identity import DIRECTORY_MODE, FILE_MODE, AgentIdentities, enforced
 from fleet.credentials.tokens import TokenStore
 from fleet.settings import FleetSettings
 
 DOCKER_SOCKETS = ("docker.sock", "containerd.sock", "podman.sock")
-SECRET_ENV_NAME = re.compile(r"(?i)(token|secret|passw|api_?key|private|credential)")
-SECRET_VALUE = re.compile(
-    rb"(ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,}"
-    rb"|xox[abp]-[A-Za-z0-9-]{10,}|AKIA[A-Z0-9]{16}|sk-[A-Za-z0-9]{32,}"
-    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
-SECRET_FILE_NAMES = re.compile(
-    r"(^|/)(\.claude\.json|\.netrc|\.git-credentials|\.npmrc|\.pypirc|id_rsa|id_ed25519|id_ecdsa"
-    r"|credentials\.json|\.docker/config\.json)$")
-MAX_SCANNED_FILE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -225,8 +213,18 @@ def _propagation(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
 
 @check("ulimits-set", "5.18")
 def _ulimits(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
-    limits = host(attrs).get("Ulimits") or []
-    return bool(limits), f"Ulimits={[(u.get('Name'), u.get('Hard')) for u in limits]}"
+    limits = {u.get("Name"): u.get("Hard") for u in host(attrs).get("Ulimits") or []}
+    ok = limits.get("core") == 0 and 0 < (limits.get("nofile") or 0) <= 65536
+    return ok, f"Ulimits={limits} (core dumps off, a nofile limit)"
+
+
+@check("apparmor-confined", "5.1")
+def _apparmor(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
+    profile = attrs.get("AppArmorProfile") or ""
+    options = host(attrs).get("SecurityOpt") or []
+    unconfined = profile == "unconfined" or any(o.replace(":", "=") == "apparmor=unconfined"
+                                                for o in options)
+    return not unconfined, f"AppArmorProfile={profile!r}"
 
 
 @check("init-process")
@@ -258,32 +256,51 @@ def audit_container(attrs: dict[str, Any], expected: Expected) -> list[Finding]:
 
 
 def audit_token_dirs(settings: FleetSettings) -> list[Finding]:
-    """The host side: <secrets_dir> and each agent's directory 0700, files
-    0600, owned by the agents' uid, no links."""
+    """The host side: <secrets_dir> 0700; each agent's directory root's,
+    of the agent's own group, 0750, its files root's 0440 (as root; without
+    root 0700 and 0600), no links; no two agents sharing a group."""
     findings = []
+    mode = stat.S_IMODE(os.stat(settings.secrets_dir).st_mode) if settings.secrets_dir.is_dir() else None
+    if mode is not None:
+        findings.append(Finding(str(settings.secrets_dir), "secrets-dir-private", mode & 0o077 == 0,
+                                f"mode {oct(mode)}", "5.5"))
+    root = enforced()
+    want_dir, want_file = (DIRECTORY_MODE, FILE_MODE) if root else (0o700, 0o600)
+    groups: dict[int, list[str]] = {}
     for agent in sorted(settings.agents):
         directory = settings.secrets_dir / agent
         if not directory.exists():
             continue
         problems = []
         info = os.lstat(directory)
-        if stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) != 0o700:
+        groups.setdefault(info.st_gid, []).append(agent)
+        if stat.S_ISLNK(info.st_mode) or stat.S_IMODE(info.st_mode) != want_dir:
             problems.append(f"{directory} is {oct(stat.S_IMODE(info.st_mode))}")
+        if root and info.st_uid != 0:
+            problems.append(f"{directory} is owned by uid {info.st_uid}, not root")
         for entry in directory.iterdir():
             entry_info = os.lstat(entry)
             if not stat.S_ISREG(entry_info.st_mode):
                 problems.append(f"{entry.name} is not a regular file")
-            elif stat.S_IMODE(entry_info.st_mode) != 0o600:
+            elif stat.S_IMODE(entry_info.st_mode) != want_file:
                 problems.append(f"{entry.name} is {oct(stat.S_IMODE(entry_info.st_mode))}")
-            elif os.geteuid() == 0 and entry_info.st_uid != settings.agent_uid:
-                problems.append(f"{entry.name} is owned by uid {entry_info.st_uid}")
+            elif root and (entry_info.st_uid, entry_info.st_gid) != (0, info.st_gid):
+                problems.append(f"{entry.name} is owned by {entry_info.st_uid}:{entry_info.st_gid}")
         findings.append(Finding(str(directory), "token-dir-private", not problems,
-                                "; ".join(problems) or "0700 directory, 0600 files", "5.5"))
+                                "; ".join(problems) or f"{oct(want_dir)} directory, {oct(want_file)} files",
+                                "5.5"))
+    shared = {gid: agents for gid, agents in groups.items() if len(agents) > 1}
+    detail = ("; ".join(f"gid {gid}: {', '.join(agents)}" for gid, agents in shared.items())
+              or "one group per agent")
+    if not root:
+        detail = "not root: every agent runs as agent_uid (identities need root)"
+    findings.append(Finding(str(settings.secrets_dir), "own-identity-per-agent", root and not shared,
+                            detail))
     return findings
 
 
 def expected_for(settings: FleetSettings, agent: str) -> Expected:
-    spec = build_spec(settings, agent)
+    spec = build_spec(settings, agent, uid=AgentIdentities(settings).current(agent))
     tokens = TokenStore(settings)
     values = tuple(v for name in settings.agents for v in tokens.values(name))
     return Expected(spec.token_dir, spec.volume, spec.hash, values)
@@ -293,6 +310,7 @@ def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Fin
     from fleet.container.manager import ContainerManager
 
     findings = []
+    users: dict[str, list[str]] = {}
     for container in ContainerManager(client, settings).containers():
         agent = container.labels.get(LABEL_AGENT, "")
         if agent not in settings.agents:
@@ -300,76 +318,10 @@ def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Fin
                                     f"agent {agent!r} is not configured (an orphan)"))
             continue
         findings += audit_container(container.attrs, expected_for(settings, agent))
+        users.setdefault(str(container.attrs["Config"].get("User", "")).split(":")[0], []).append(agent)
+    if users:
+        shared = {uid: agents for uid, agents in users.items() if len(agents) > 1}
+        findings.append(Finding("containers", "uid-per-agent", not shared,
+                                "; ".join(f"uid {u}: {', '.join(a)}" for u, a in shared.items())
+                                or f"{len(users)} agents, {len(users)} uids"))
     return findings + audit_token_dirs(settings)
-
-
-# -- the image ------------------------------------------------------------------
-
-
-def image_files(client: docker.DockerClient, tag: str) -> Iterator[tuple[tarfile.TarInfo, bytes]]:
-    """Every file of the image's filesystem (through a container that never starts)."""
-    with engine_errors(f"reading the filesystem of {tag}"):
-        container = client.containers.create(tag, command=["true"], network_mode="none")
-        try:
-            stream = io.BufferedReader(_ChunkReader(container.export()))  # type: ignore[arg-type]
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                for member in archive:
-                    data = b""
-                    if member.isfile() and member.size <= MAX_SCANNED_FILE:
-                        extracted = archive.extractfile(member)
-                        data = extracted.read() if extracted else b""
-                    yield member, data
-        finally:
-            container.remove(force=True)
-
-
-class _ChunkReader(io.RawIOBase):
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.chunks = chunks
-        self.pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self.pending:
-            try:
-                self.pending = next(self.chunks)
-            except StopIteration:
-                return 0
-        size = min(len(buffer), len(self.pending))
-        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
-        return size
-
-
-def audit_image(client: docker.DockerClient, tag: str) -> list[Finding]:
-    try:
-        image = client.images.get(tag)
-    except docker.errors.ImageNotFound:
-        return [Finding(tag, "image-present", False, "missing: run `fleet image build`")]
-    config = image.attrs.get("Config") or {}
-    user = str(config.get("User") or "")
-    uid = user.split(":")[0]
-    findings = [Finding(tag, "image-non-root-user", uid.isdigit() and int(uid) != 0, f"USER {user!r}",
-                        "4.1")]
-    env = config.get("Env") or []
-    suspicious = [e.split("=", 1)[0] for e in env
-                  if SECRET_ENV_NAME.search(e.split("=", 1)[0]) or SECRET_VALUE.search(e.encode())]
-    findings.append(Finding(tag, "image-no-secret-env", not suspicious, f"ENV names: {suspicious}"
-                            if suspicious else f"{len(env)} ENV entries, none secret-looking", "4.10"))
-    base_id = (image.labels or {}).get("fleet.base-id", "")
-    findings.append(Finding(tag, "image-base-pinned", base_id.startswith("sha256:"),
-                            f"base {(image.labels or {}).get('fleet.base', '?')} = {base_id or 'unknown'}"))
-    secret_files, setuid = [], []
-    for member, data in image_files(client, tag):
-        name = "/" + member.name.lstrip("./")
-        if member.isfile() and (SECRET_FILE_NAMES.search(name) or SECRET_VALUE.search(data)):
-            secret_files.append(name)
-        if member.isfile() and member.mode & (stat.S_ISUID | stat.S_ISGID):
-            setuid.append(name)
-    findings.append(Finding(tag, "image-no-secret-files", not secret_files,
-                            f"found: {secret_files[:5]}" if secret_files else "none found", "4.10"))
-    findings.append(Finding(tag, "image-no-setuid", not setuid,
-                            f"setuid/setgid: {setuid[:5]}" if setuid else "none", "4.8"))
-    return findings
-

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fleet.container.engine import connect
-from fleet.container.spec import build_spec
+from fleet.container.spec import container_name
 from fleet.credentials.tokens import TokenInfo
 from fleet.errors import EngineError
 from fleet.record import TaskRecord
@@ -53,17 +53,17 @@ def agent_rows(settings: FleetSettings, client: FleetClient) -> list[dict[str, A
         engine = None
     rows = []
     for agent, spec in settings.agents.items():
-        container = build_spec(settings, agent)
+        name = container_name(settings, agent)
         state = "engine down"
         if engine is not None:
             try:
-                state = str(engine.containers.get(container.name).status)
+                state = str(engine.containers.get(name).status)
             except docker.errors.NotFound:
                 state = "none"
         pause = client.breaker.paused(agent)
         hosts, slots = client.hosts.serving(agent)
         rows.append({"agent": agent, "queued": client.queue_depth(agent),
-                     "container": container.name, "container_state": state,
+                     "container": name, "container_state": state,
                      "concurrency": spec.concurrency, "hosts": hosts, "slots": slots,
                      "paused": pause is not None,
                      "status": pause.describe() if pause else "active"})

@@ -52,7 +52,8 @@ def image_build(tag: str, force: bool, base: str | None) -> None:
 def audit(ctx: Context, as_json: bool, image_tag: str | None) -> None:
     """Check this host's fleet containers, token directories (and an image)
     against the isolation policy; exit 1 on any failure."""
-    from fleet.cli.audit import audit_host, audit_image
+    from fleet.cli.audit import audit_host
+    from fleet.cli.audit_image import audit_image
     from fleet.container.engine import connect
 
     client = connect()

@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 import docker
 import docker.errors
 from docker.models.containers import Container
+from docker.types import Mount
 
 from fleet.container.engine import engine_errors
 from fleet.container.spec import (
@@ -22,10 +23,12 @@ from fleet.container.spec import (
     LABEL_HOST,
     LABEL_NAMESPACE,
     LABEL_SPEC_HASH,
+    LABEL_UID,
+    STATE_DIR,
     ContainerSpec,
     build_spec,
 )
-from fleet.credentials.tokens import TokenStore
+from fleet.credentials.identity import AgentIdentities
 from fleet.errors import EngineError
 from fleet.settings import FleetSettings
 
@@ -52,7 +55,7 @@ class ContainerManager:
         this process is using it; until then the caller waits. A container
         checked less than RECHECK_S ago, to which the forwarder still holds a
         live connection (`connected`), is taken without asking the engine."""
-        spec = self._specs.get(agent) or self._specs.setdefault(agent, build_spec(self.settings, agent))
+        spec = self.spec(agent)
         with self._changed:
             while True:
                 cached, checked_at = self._verified.get(agent, (None, 0.0))
@@ -82,6 +85,14 @@ class ContainerManager:
             with self._changed:
                 self._in_use[agent] -= 1
                 self._changed.notify_all()
+
+    def spec(self, agent: str) -> ContainerSpec:
+        """The agent's spec on this host, with its own uid (allocated on first
+        need). Settings are frozen and an uid is kept: made once per process."""
+        if agent not in self._specs:
+            uid = AgentIdentities(self.settings).uid(agent)
+            self._specs[agent] = build_spec(self.settings, agent, uid=uid)
+        return self._specs[agent]
 
     def condemn(self, agent: str, container: Container, why: str) -> bool:
         """No longer trust this container of `agent` (its supervisor was
@@ -139,7 +150,6 @@ class ContainerManager:
         another process (a second consumer of the agent on this host) got
         there first: the caller looks again."""
         log.info("creating container %s (%s)", spec.name, reason)
-        TokenStore(self.settings).prepare(spec.labels[LABEL_AGENT])
         with engine_errors(f"creating container {spec.name}"):
             if old is not None:
                 with suppress(docker.errors.NotFound):
@@ -160,11 +170,30 @@ class ContainerManager:
         return container
 
     def ensure_volume(self, spec: ContainerSpec) -> None:
+        """The agent's state volume, the agent's. A new one is labelled with
+        the agent's uid; one without that label (made before agents had uids
+        of their own, when all were 10001's) has its files given to the uid."""
+        owner = str(spec.uid)
         try:
-            self.client.volumes.get(spec.volume)
+            volume = self.client.volumes.get(spec.volume)
+            if (volume.attrs.get("Labels") or {}).get(LABEL_UID) == owner:
+                return
         except docker.errors.NotFound:
-            labels = {k: v for k, v in spec.labels.items()}
-            self.client.volumes.create(name=spec.volume, labels=labels)
+            # A new volume takes the image's /state (1777): any agent's uid writes its own files there.
+            self.client.volumes.create(name=spec.volume, labels={**spec.labels, LABEL_UID: owner})
+            return
+        self.give_volume(spec)
+
+    def give_volume(self, spec: ContainerSpec) -> None:
+        """chown the state volume to the agent's uid, in a one-off container
+        that can do only that (root with CAP_CHOWN and CAP_FOWNER, no network)."""
+        log.info("giving volume %s to uid %d", spec.volume, spec.uid)
+        self.client.containers.run(
+            spec.image, ["chown", "-R", f"{spec.uid}:{spec.uid}", STATE_DIR], remove=True, user="0:0",
+            network_mode="none", cap_drop=["ALL"], cap_add=["CHOWN", "FOWNER", "DAC_READ_SEARCH"],
+            security_opt=["no-new-privileges:true"], read_only=True,
+            mounts=[Mount(target=STATE_DIR, source=spec.volume, type="volume")],
+            labels={LABEL_NAMESPACE: self.settings.namespace})
 
     def check_network(self, network: str) -> None:
         if network == "none":

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fleet.settings import AgentSpec, FleetSettings
+from fleet.settings import FleetSettings
 
 HOME = "/home/agent"
 STATE_DIR = "/state"
@@ -24,6 +24,7 @@ LABEL_NAMESPACE = "fleet.namespace"
 LABEL_AGENT = "fleet.agent"
 LABEL_HOST = "fleet.host"
 LABEL_SPEC_HASH = "fleet.spec-hash"
+LABEL_UID = "fleet.uid"  # on a state volume: the uid it was given to
 NOFILE_LIMIT = 4096
 
 
@@ -70,7 +71,8 @@ class ContainerSpec(BaseModel):
             "memswap_limit": self.memory_bytes,  # no swap beyond the memory limit
             "nano_cpus": self.nano_cpus,
             "pids_limit": self.pids_limit,
-            "ulimits": [Ulimit(name="nofile", soft=NOFILE_LIMIT, hard=NOFILE_LIMIT)],
+            "ulimits": [Ulimit(name="nofile", soft=NOFILE_LIMIT, hard=NOFILE_LIMIT),
+                        Ulimit(name="core", soft=0, hard=0)],  # no core dump holds a task's memory
             "ipc_mode": "private",
             "network_mode": self.network,
             "restart_policy": {"Name": "no"},  # fleet recreates a dead container itself
@@ -101,8 +103,14 @@ def token_dir(secrets_dir: Path, agent: str) -> Path:
     return secrets_dir / agent
 
 
-def build_spec(settings: FleetSettings, agent: str, spec: AgentSpec | None = None) -> ContainerSpec:
-    spec = spec or settings.agent(agent)
+def container_name(settings: FleetSettings, agent: str) -> str:
+    """The name of the agent's container on this host."""
+    return resource_name(settings.namespace, agent, settings.host)
+
+
+def build_spec(settings: FleetSettings, agent: str, *, uid: int) -> ContainerSpec:
+    """The agent's container on this host, run as `uid` (its own: identity.py)."""
+    spec = settings.agent(agent)
     host = settings.host
     name = resource_name(settings.namespace, agent, host)
     return ContainerSpec(
@@ -110,7 +118,7 @@ def build_spec(settings: FleetSettings, agent: str, spec: AgentSpec | None = Non
         image=spec.image,
         volume=f"{name}-state",
         token_dir=str(token_dir(settings.secrets_dir.resolve(), agent)),
-        user=f"{settings.agent_uid}:{settings.agent_uid}",
+        user=f"{uid}:{uid}",
         network=spec.network,
         memory_bytes=spec.memory_bytes,
         nano_cpus=int(spec.cpus * 1e9),

@@ -1,6 +1,7 @@
-"""The host's token store: <secrets_dir>/<agent>/<name>, directories 0700 and
-files 0600, owned by the agents' uid so only the agent's user inside its
-container can read them.
+"""The host's token store: <secrets_dir>/<agent>/<name>. As root, each
+agent's directory is root:<agent's gid> 0750 and its files root:<gid> 0440
+(identity.py): only that agent's user, inside its container, reads them.
+Without root, directories 0700 and files 0600 of the current user.
 
 A token is written to a temporary file in the same directory, fsynced and
 renamed over the old one. The container sees the directory through a bind
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.credentials.identity import FILE_MODE, AgentIdentities, enforced
 from fleet.errors import UsageError
 from fleet.settings import FleetSettings, check_token_name
 
@@ -113,25 +115,24 @@ class TokenStore:
             listed = ", ".join(spec.tokens) or "none"
             raise UsageError(f"agent {agent!r} does not declare token {name!r} (tokens: {listed})")
 
-    def prepare(self, agent: str) -> Path:
-        directory = self.directory(agent)
-        self.settings.secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
-        directory.chmod(0o700)
-        self._own(directory)
-        return directory
+    def prepare(self, agent: str) -> int:
+        """The agent's directory, made and owned as it should be; returns the agent's uid."""
+        return AgentIdentities(self.settings).uid(agent)
 
     def set(self, agent: str, name: str, value: bytes) -> TokenInfo:
         """Write a token atomically: temp file, fsync, rename, fsync the directory."""
         self.declared(agent, name)
         if not value:
             raise UsageError("the token value is empty")
-        directory = self.prepare(agent)
+        gid = self.prepare(agent)
+        directory = self.directory(agent)
         fd, temp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
         try:
-            os.fchmod(fd, 0o600)
-            if os.geteuid() == 0:
-                os.fchown(fd, self.settings.agent_uid, self.settings.agent_uid)
+            if enforced():
+                os.fchown(fd, 0, gid)
+                os.fchmod(fd, FILE_MODE)
+            else:
+                os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(value)
                 f.flush()
@@ -185,7 +186,3 @@ class TokenStore:
                 if (self.directory(name) / token).is_file():
                     found.append(self.info(name, token))
         return found
-
-    def _own(self, path: Path) -> None:
-        if os.geteuid() == 0:
-            os.chown(path, self.settings.agent_uid, self.settings.agent_uid)

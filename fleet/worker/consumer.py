@@ -77,7 +77,8 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         except FleetError as error:
             log.error("could not raise the alert for container %s: %s", container.name, error)
 
-    forwarder: Forwarder = (ChannelForwarder(str(settings.agent_uid), settings.kill_grace_s, mask=mask)
+    user = str(manager.spec(agent).uid)  # the agent's own (allocated on first need)
+    forwarder: Forwarder = (ChannelForwarder(user, settings.kill_grace_s, mask=mask)
                             if settings.forwarding == "channel" else ExecForwarder())
     running = RunningTasks(forwarder, settings.kill_grace_s,
                            force=lambda task: condemn(task.container, f"task {task.job.task_id} ran past "
@@ -91,7 +92,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
 
     credentials = Credentials(tokens, breaker, alerts)
     register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
-                                      credentials, control.held_back, owner, condemn))
+                                      credentials, control.held_back, owner, condemn, user))
     housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
                               publish_again, queue_depth, settings.lost_message_after_s)
 

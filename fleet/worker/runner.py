@@ -60,7 +60,7 @@ class TaskRunner:
     def __init__(self, settings: FleetSettings, store: TaskStore, containers: ContainerManager,
                  forwarder: Forwarder, running: RunningTasks, republish: Republish,
                  credentials: Credentials, held_back: Callable[[], str | None], owner: str,
-                 condemn: Condemn) -> None:
+                 condemn: Condemn, user: str) -> None:
         self.settings = settings
         self.store = store
         self.containers = containers
@@ -72,6 +72,7 @@ class TaskRunner:
         self.held_back = held_back  # why this consumer may not take tasks now, or None
         self.owner = owner
         self.condemn = condemn
+        self.user = user  # the agent's own uid on this host
         self.rng = random.Random()
 
     def run(self, task_id: str, attempt: int | None = None) -> None:
@@ -122,7 +123,7 @@ class TaskRunner:
                 container: Container, leased_at: float) -> Attempt:
         job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
                   payload=json.dumps(payload).encode(),
-                  command=list(spec.command), user=str(self.settings.agent_uid))
+                  command=list(spec.command), user=self.user)
         # A previous attempt may still run here if its consumer died: end it
         # first, so two runs of one task never overlap.
         if record.attempts > 1 and (ended := self.forwarder.kill(container, job,

@@ -26,12 +26,12 @@ from support import (
 )
 
 from fleet.broker.routing import queue_name
-from fleet.container.spec import build_spec
+from fleet.container.spec import container_name
 from fleet.record import ErrorKind, State
 
 
 def container(fleet: Fleet, docker_client: docker.DockerClient, agent: str = "dev") -> Any:
-    return docker_client.containers.get(build_spec(fleet.settings, agent).name)
+    return docker_client.containers.get(container_name(fleet.settings, agent))
 
 
 def wait_for_event(client: Any, task_id: str, kind: str, timeout: float = 60) -> dict[str, str]:

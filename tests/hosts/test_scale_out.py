@@ -21,7 +21,7 @@ import pytest
 from simhosts import SimulatedNetwork
 from support import Fleet, MakeFleet, child_pids, overlapping, read_runs, wait_for_state
 
-from fleet.container.spec import build_spec
+from fleet.container.spec import container_name
 from fleet.record import ErrorKind, State
 
 HOSTS = ["h1", "h2", "h3"]
@@ -79,7 +79,7 @@ def runs_on_every_host(fleet: Fleet, docker_client: docker.DockerClient, names: 
     runs = []
     for name in names:
         settings = fleet.settings.model_copy(update={"host_id": name})
-        runs += read_runs(docker_client.containers.get(build_spec(settings, "dev").name), "runs")
+        runs += read_runs(docker_client.containers.get(container_name(settings, "dev")), "runs")
     return runs
 
 
@@ -91,8 +91,8 @@ def test_tasks_spread_over_three_hosts_and_a_killed_host_shows_lost(
     for name in HOSTS:
         assert hosts[name]["state"] == "up"
         assert hosts[name]["agents"] == ["dev"] and hosts[name]["slots"] == {"dev": 2}
-        assert list(hosts[name]["containers"]) == [build_spec(
-            fleet.settings.model_copy(update={"host_id": name}), "dev").name]
+        assert list(hosts[name]["containers"]) == [container_name(
+            fleet.settings.model_copy(update={"host_id": name}), "dev")]
         assert time.time() - hosts[name]["heartbeat_at"] < 5
     agents = json.loads(fleet.cli("agents", "--json").stdout)
     assert (agents[0]["hosts"], agents[0]["slots"]) == (3, 6)

@@ -14,7 +14,8 @@ import pytest
 from docker.types import Mount
 from support import RUN_PREFIX, Fleet, MakeFleet
 
-from fleet.container.spec import build_spec
+from fleet.container.spec import build_spec, container_name
+from fleet.credentials.identity import AgentIdentities
 from fleet.record import State
 
 
@@ -32,7 +33,7 @@ def test_fleet_made_containers_pass(make_fleet: MakeFleet) -> None:
     done = audit(fleet, "--json")
     assert done.returncode == 0, done.stdout
     findings = [json.loads(line) for line in done.stdout.splitlines()]
-    per_container = [f for f in findings if f["subject"] == build_spec(fleet.settings, "dev").name]
+    per_container = [f for f in findings if f["subject"] == container_name(fleet.settings, "dev")]
     assert len(per_container) >= 25
     assert all(f["ok"] for f in findings)
     assert {f["check"] for f in findings} >= {"token-dir-private", "no-docker-socket", "not-privileged"}
@@ -62,8 +63,7 @@ WEAK_CONTAINERS: dict[str, tuple[Weaken, str]] = {
 def test_a_weak_container_fails_with_the_right_line(
         weakness: str, make_fleet: MakeFleet, docker_client: docker.DockerClient) -> None:
     fleet = make_fleet({"dev": {}})
-    spec = build_spec(fleet.settings, "dev")
-    fleet.settings.secrets_dir.joinpath("dev").mkdir(parents=True, mode=0o700)
+    spec = build_spec(fleet.settings, "dev", uid=AgentIdentities(fleet.settings).uid("dev"))
     kwargs = spec.create_kwargs()
     weaken, expected = WEAK_CONTAINERS[weakness]
     weaken(kwargs)

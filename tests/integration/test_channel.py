@@ -12,7 +12,7 @@ import pytest
 from support import Fleet, MakeFleet, task_processes, wait_for_state
 
 from fleet.container.manager import ContainerManager
-from fleet.container.spec import build_spec
+from fleet.container.spec import container_name
 from fleet.forwarding.base import ChannelBroken, Job
 from fleet.forwarding.channel import ChannelForwarder
 from fleet.record import ErrorKind, State
@@ -94,7 +94,7 @@ def test_a_supervisor_killed_from_outside_is_detected_and_the_task_retried(
     for batch in client.store.events.follow(client.store.keys.events(task_id), block_ms=1000):
         if any(event.type == "output" for event in batch):  # its first output: it runs, through the channel
             break
-    container = docker_client.containers.get(build_spec(fleet.settings, "dev").name)
+    container = docker_client.containers.get(container_name(fleet.settings, "dev"))
     killer = ("import os, signal\nfor p in filter(str.isdigit, os.listdir('/proc')):\n"
               "    if b'supervise' in open(f'/proc/{p}/cmdline', 'rb').read():\n"
               "        os.kill(int(p), signal.SIGKILL)\n")

@@ -17,7 +17,7 @@ import docker
 import pytest
 from support import FLEET, Fleet, MakeFleet, RedisServer, all_redis_text, new_namespace, wait_for_state
 
-from fleet.container.spec import LABEL_NAMESPACE, build_spec
+from fleet.container.spec import LABEL_NAMESPACE, container_name
 from fleet.credentials.tokens import TokenStore
 from fleet.record import ErrorKind, State
 
@@ -199,7 +199,7 @@ print(json.dumps({"reads": reads, "bad": bad, "seen": sorted(seen)}))
     assert follow.stdout is not None and follow.stdout.readline() == "reading\n"
     for n in range(300):
         tokens.set("dev", "forge", (b"B" if n % 2 == 0 else b"A") * 4096)
-    container = docker_client.containers.get(build_spec(fleet.settings, "dev").name)
+    container = docker_client.containers.get(container_name(fleet.settings, "dev"))
     container.exec_run(["touch", "/state/stop"])
     follow.wait(timeout=60)
     record = client.wait(task_id, 60)
@@ -215,9 +215,12 @@ def test_token_files_commands_and_permissions(make_fleet: MakeFleet) -> None:
     set_token(fleet, "dev", secret)
     path = fleet.settings.secrets_dir / "dev" / "forge"
     assert path.read_text() == secret  # one trailing newline stripped
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert (path.stat().st_uid, path.parent.stat().st_uid) == (10001, 10001)
+    # Root's, readable by the agent's own group only (its uid's, in its container).
+    assert stat.S_IMODE(path.stat().st_mode) == 0o440
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+    assert (path.stat().st_uid, path.parent.stat().st_uid) == (0, 0)
+    assert path.stat().st_gid == path.parent.stat().st_gid == 10001
+    assert stat.S_IMODE(fleet.settings.secrets_dir.stat().st_mode) == 0o700
     listing = fleet.cli("tokens", "list")
     assert listing.returncode == 0 and "forge" in listing.stdout and "sha256:" in listing.stdout
     assert secret not in listing.stdout

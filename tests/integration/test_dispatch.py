@@ -24,9 +24,9 @@ def fleet(make_fleet: MakeFleet) -> Fleet:
 
 
 def container_of(fleet: Fleet, docker_client: docker.DockerClient, agent: str):
-    from fleet.container.spec import build_spec
+    from fleet.container.spec import container_name
 
-    return docker_client.containers.get(build_spec(fleet.settings, agent).name)
+    return docker_client.containers.get(container_name(fleet.settings, agent))
 
 
 def run(fleet: Fleet, agent: str, payload: dict[str, object], timeout: float = 60):
@@ -76,10 +76,15 @@ def test_a_changed_memory_limit_gives_a_new_container(make_fleet: MakeFleet,
 
 
 def test_the_container_is_hardened(fleet: Fleet, docker_client: docker.DockerClient) -> None:
-    run(fleet, "dev", {})
+    for agent in AGENTS:
+        run(fleet, agent, {})
+    users = {agent: container_of(fleet, docker_client, agent).attrs["Config"]["User"] for agent in AGENTS}
+    uids = {user.split(":")[0] for user in users.values()}
+    assert len(uids) == len(AGENTS), users  # an identity of its own for each agent
+    assert all(f"{uid}:{uid}" in users.values() and 10001 <= int(uid) < 11000 for uid in uids)
     attrs = container_of(fleet, docker_client, "dev").attrs
     host, config = attrs["HostConfig"], attrs["Config"]
-    assert config["User"] == "10001:10001"
+    assert {(u["Name"], u["Hard"]) for u in host["Ulimits"]} == {("nofile", 4096), ("core", 0)}
     assert host["ReadonlyRootfs"] is True
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
     assert "no-new-privileges:true" in host["SecurityOpt"]

@@ -24,7 +24,7 @@ import pytest
 from docker.types import Mount
 from support import Fleet, RedisServer, build_fleet, wait_for_state
 
-from fleet.container.spec import build_spec
+from fleet.container.spec import build_spec, container_name
 from fleet.credentials.tokens import TokenStore
 from fleet.record import State
 
@@ -99,7 +99,7 @@ def test_probe_is_blocked(attack: Attack, probe: str) -> None:
 def test_no_canary_reaches_the_logs_the_result_or_the_state_volume(
         attack: Attack, docker_client: docker.DockerClient) -> None:
     logs = attack.fleet.cli("logs", attack.record.id).stdout
-    container = docker_client.containers.get(build_spec(attack.fleet.settings, "hostile").name)
+    container = docker_client.containers.get(container_name(attack.fleet.settings, "hostile"))
     state = container.exec_run(["sh", "-c", "cat /state/* 2>/dev/null; ls -la /state"]).output.decode()
     for name, value in attack.canaries.items():
         assert value not in logs, name
@@ -108,7 +108,7 @@ def test_no_canary_reaches_the_logs_the_result_or_the_state_volume(
 
 
 def test_no_process_outlives_the_task(attack: Attack, docker_client: docker.DockerClient) -> None:
-    container = docker_client.containers.get(build_spec(attack.fleet.settings, "hostile").name)
+    container = docker_client.containers.get(container_name(attack.fleet.settings, "hostile"))
     out = container.exec_run(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"]).output.decode()
     assert attack.marker not in out
 
@@ -128,7 +128,7 @@ def test_fleet_never_follows_links_planted_in_state(attack: Attack,
     before = attack.host_canary.stat()
     for worker in fleet.workers:
         worker.stop()
-    container = docker_client.containers.get(build_spec(fleet.settings, "hostile").name)
+    container = docker_client.containers.get(container_name(fleet.settings, "hostile"))
     container.stop(timeout=1)  # a dead container: the next worker removes and recreates it
     fleet.start_worker()
     assert fleet.cli("audit").returncode in (0, 1)
@@ -157,8 +157,7 @@ def test_weakening_a_control_makes_its_probe_fail(
     try:
         home = tmp_path / "home"
         home.mkdir()
-        spec = build_spec(fleet.settings, "hostile")
-        TokenStore(fleet.settings).prepare("hostile")
+        spec = build_spec(fleet.settings, "hostile", uid=TokenStore(fleet.settings).prepare("hostile"))
         docker_client.volumes.create(spec.volume, labels=spec.labels)
         kwargs = spec.create_kwargs()
         WEAKENINGS[probe](kwargs, home)

@@ -22,14 +22,14 @@ def test_routing_is_a_pure_function_of_the_agent() -> None:
 
 
 def test_names_carry_namespace_agent_and_host() -> None:
-    spec = build_spec(settings(), "dev")
+    spec = build_spec(settings(), "dev", uid=10001)
     assert spec.name == "fleet-dev-host-a"
     assert spec.volume == "fleet-dev-host-a-state"
     assert resource_name("fleet", "dev", "a b/c") == "fleet-dev-a_b_c"
 
 
 def test_hardening() -> None:
-    kwargs = build_spec(settings(memory="512m", cpus=0.5, pids_limit=64), "dev").create_kwargs()
+    kwargs = build_spec(settings(memory="512m", cpus=0.5, pids_limit=64), "dev", uid=10001).create_kwargs()
     assert kwargs["user"] == "10001:10001"
     assert kwargs["read_only"] is True
     assert kwargs["cap_drop"] == ["ALL"]
@@ -51,9 +51,9 @@ def test_hardening() -> None:
 
 
 def test_hash_changes_with_the_spec_and_only_then() -> None:
-    base = build_spec(settings(), "dev")
-    assert build_spec(settings(), "dev").hash == base.hash
-    assert build_spec(settings(memory="2g"), "dev").hash != base.hash
-    assert build_spec(settings(image="other:1"), "dev").hash != base.hash
-    assert build_spec(settings(timeout_s=5), "dev").hash == base.hash  # not a container property
+    base = build_spec(settings(), "dev", uid=10001)
+    assert build_spec(settings(), "dev", uid=10001).hash == base.hash
+    assert build_spec(settings(memory="2g"), "dev", uid=10001).hash != base.hash
+    assert build_spec(settings(image="other:1"), "dev", uid=10001).hash != base.hash
+    assert build_spec(settings(timeout_s=5), "dev", uid=10001).hash == base.hash  # not a container property
     assert base.create_kwargs()["labels"][LABEL_SPEC_HASH] == base.hash

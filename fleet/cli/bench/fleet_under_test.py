@@ -68,9 +68,9 @@ class BenchFleet:
         return self.worker
 
     def container_name(self, agent: str) -> str:
-        from fleet.container.spec import build_spec
+        from fleet.container.spec import container_name
 
-        return build_spec(self.settings, agent).name
+        return container_name(self.settings, agent)
 
     def run(self, agents: list[str], timeout: float = 120) -> None:
         """One task per entry of `agents`, all submitted at once; returns
