@@ -153,6 +153,9 @@ class AgentSpec(BaseModel):
     transient_backoff_max_s: float = Field(300.0, gt=0)
     breaker_threshold: PositiveInt = 3  # consecutive credential failures that pause the agent
     hosts: list[HostId] = Field(default_factory=list)  # the hosts that may serve it; empty: any
+    # A quota on /state (e.g. "2g"), enforced by the engine: its volumes must be on XFS
+    # mounted with project quotas (pquota). Empty: no quota. Applies to newly made volumes.
+    state_size: Annotated[str, AfterValidator(check_memory)] | None = None
 
     def serves(self, host: str) -> bool:
         return not self.hosts or host in self.hosts

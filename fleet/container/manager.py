@@ -17,7 +17,7 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import Mount
 
-from fleet.container.engine import engine_errors
+from fleet.container.engine import engine_errors, first_line
 from fleet.container.spec import (
     LABEL_AGENT,
     LABEL_HOST,
@@ -180,7 +180,16 @@ class ContainerManager:
                 return
         except docker.errors.NotFound:
             # A new volume takes the image's /state (1777): any agent's uid writes its own files there.
-            self.client.volumes.create(name=spec.volume, labels={**spec.labels, LABEL_UID: owner})
+            quota = {"size": spec.state_size} if spec.state_size else {}
+            try:
+                self.client.volumes.create(name=spec.volume, labels={**spec.labels, LABEL_UID: owner},
+                                           driver_opts=quota)
+            except docker.errors.APIError as error:
+                if not quota:
+                    raise
+                raise EngineError(
+                    f"state_size {spec.state_size} for {spec.volume}: the engine cannot enforce it "
+                    f"({first_line(error)}); its volumes must be on XFS mounted with pquota") from None
             return
         self.give_volume(spec)
 

@@ -41,6 +41,7 @@ class ContainerSpec(BaseModel):
     name: str
     image: str
     volume: str
+    state_size: str | None = None  # the engine's quota on the state volume
     token_dir: str
     user: str
     network: str
@@ -117,6 +118,7 @@ def build_spec(settings: FleetSettings, agent: str, *, uid: int) -> ContainerSpe
         name=name,
         image=spec.image,
         volume=f"{name}-state",
+        state_size=spec.state_size,
         token_dir=str(token_dir(settings.secrets_dir.resolve(), agent)),
         user=f"{uid}:{uid}",
         network=spec.network,

@@ -5,10 +5,13 @@ its files stay writable."""
 from __future__ import annotations
 
 import docker
+import pytest
 from support import MakeFleet
 
+from fleet.container.manager import ContainerManager
 from fleet.container.spec import container_name
 from fleet.credentials.identity import AgentIdentities
+from fleet.errors import EngineError
 from fleet.record import State
 
 
@@ -30,3 +33,13 @@ def test_an_old_state_volume_is_given_to_the_agents_own_uid(
     assert record.state == State.SUCCEEDED, record
     out = "".join(e.fields.get("data", "") for e in client.store.events.output(record.id)).split()
     assert out[:3] == ["10002", "old", "new"]  # then the agent's result line
+
+
+def test_a_state_quota_the_engine_cannot_enforce_is_refused_in_one_line(
+        make_fleet: MakeFleet, docker_client: docker.DockerClient) -> None:
+    """This host's engine keeps volumes on ext4 without project quotas: a
+    `state_size` is refused, naming what the host needs, and nothing is made."""
+    fleet = make_fleet({"dev": {"state_size": "64m"}})
+    with pytest.raises(EngineError, match="XFS mounted with pquota"):
+        ContainerManager(docker_client, fleet.settings).ensure("dev")
+    assert not docker_client.volumes.list(filters={"name": container_name(fleet.settings, "dev")})
