@@ -1,26 +1,29 @@
 """Settings: `fleet.toml` (or the file named by FLEET_CONFIG), overridden by
 FLEET_* environment variables (nested keys joined with `__`).
 
+The file and the variables are read here, in a few lines, rather than by
+pydantic-settings, with the same rules (a list or table value is given as
+JSON, names are not case-sensitive): importing pydantic-settings takes
+longer than everything else `fleet status` does together.
+
 Everything is validated when loaded, so a typo fails at start with one line
 that names the key, instead of surfacing mid-task."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
+import tomllib
+from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
 
 from fleet.errors import ConfigError
 
@@ -176,13 +179,11 @@ def config_path() -> Path:
     return Path(os.environ.get("FLEET_CONFIG") or "fleet.toml")
 
 
-class FleetSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="FLEET_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
+class FleetSettings(BaseModel):
+    """Every setting, validated. `load_settings` reads them from the file
+    and the environment; constructed directly, it takes only what it is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     redis_url: Annotated[str, AfterValidator(check_redis_url)] = Field(
         "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix|sentinel)://")
@@ -207,18 +208,6 @@ class FleetSettings(BaseSettings):
     # one long-lived exec session) or "exec" (one `docker exec` per task).
     forwarding: Literal["channel", "exec"] = "channel"
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_path())
-        return (init_settings, env_settings, toml)
 
     @property
     def host(self) -> str:
@@ -258,13 +247,58 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+ENV_PREFIX = "FLEET_"
+NOT_SETTINGS = frozenset({"FLEET_CONFIG"})  # names the file; not a setting
+
+
+def environment_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """FLEET_* variables as nested values: FLEET_AGENTS__DEV__CPUS=2 is
+    {"agents": {"dev": {"cpus": "2"}}}. A value that is a JSON list or
+    object is decoded; anything else is left for the model to convert."""
+    values: dict[str, Any] = {}
+    for name, raw in sorted(environ.items()):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        value: Any = raw
+        if raw.lstrip()[:1] in ("[", "{"):
+            with suppress(ValueError):
+                value = json.loads(raw)
+        node = values
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {part} is a value, not a table")
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` laid over it, tables merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_settings(**overrides: Any) -> FleetSettings:
-    """Load and validate settings, raising ConfigError with one line."""
+    """Load and validate settings (the file, then FLEET_* variables, then
+    `overrides`), raising ConfigError with one line."""
     path = config_path()
     if os.environ.get("FLEET_CONFIG") and not path.is_file():
         raise ConfigError(f"FLEET_CONFIG: no such file {str(path)!r}")
     try:
-        return FleetSettings(**overrides)
+        values: dict[str, Any] = {}
+        if path.is_file():
+            with path.open("rb") as f:
+                values = tomllib.load(f)
+        values = merged(merged(values, environment_values(os.environ)), overrides)
+        return FleetSettings.model_validate(values)
     except ValidationError as error:
         raise ConfigError(
             f"invalid configuration ({path}): {describe_validation_error(error)}"
