@@ -5,7 +5,6 @@ republishing to a recorder, consumption control to a stand-in."""
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +13,7 @@ from typing import cast
 import fakeredis
 import pytest
 from docker.models.containers import Container
+from fakes import FakeForwarder
 
 from fleet.forwarding.base import Job
 from fleet.record import ErrorKind, State, TaskRecord
@@ -28,26 +28,6 @@ TTL_S = 30.0
 GRACE_S = 7.0
 OWNER = "h1:4242"
 CONTAINER = cast(Container, object())
-
-
-@dataclass
-class FakeForwarder:
-    """Records kills (task id → grace); `killed(id)` is set when one arrives."""
-
-    kills: dict[str, list[float]] = field(default_factory=dict)
-    events: dict[str, threading.Event] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def killed(self, task_id: str) -> threading.Event:
-        with self.lock:
-            return self.events.setdefault(task_id, threading.Event())
-
-    def kill(self, container: Container, job: Job, grace_s: float,
-             sweep: list[str] | None = None) -> int:
-        with self.lock:
-            self.kills.setdefault(job.task_id, []).append(grace_s)
-        self.killed(job.task_id).set()
-        return 1
 
 
 @dataclass
@@ -174,8 +154,8 @@ def test_a_cancel_notice_ends_that_running_task(
     keeper.notice(f"cancel {cancelled.job.task_id}")
     assert cancelled.reason == CANCELLED
     assert forwarder.killed(cancelled.job.task_id).wait(WAIT_S)
-    assert forwarder.kills[cancelled.job.task_id] == [GRACE_S]
-    assert other.reason is None and other.job.task_id not in forwarder.kills
+    assert [k.grace_s for k in forwarder.kills_of(cancelled.job.task_id)] == [GRACE_S]
+    assert other.reason is None and not forwarder.kills_of(other.job.task_id)
 
 
 def test_a_notice_about_its_host_reports_to_the_registry(keeper: Housekeeper, store: TaskStore) -> None:
@@ -195,7 +175,8 @@ def test_keep_leases_ends_a_run_whose_lease_was_lost_and_renews_the_others(
     keeper.keep_leases()
     assert lost.reason == LEASE_LOST
     assert forwarder.killed(lost.job.task_id).wait(WAIT_S)
-    assert forwarder.kills[lost.job.task_id] == [0]  # at once: another consumer runs it now
+    # At once: another consumer runs it now.
+    assert [k.grace_s for k in forwarder.kills_of(lost.job.task_id)] == [0]
     assert kept.reason is None and kept.renewed_at >= before
     assert store.redis.pttl(store.keys.lease(kept.job.task_id)) > 5000  # renewed to the full TTL
 
@@ -208,6 +189,6 @@ def test_fence_ends_a_run_whose_lease_was_not_renewed_in_time(
     keeper.fence()
     assert stale.reason == LEASE_LOST
     assert forwarder.killed(stale.job.task_id).wait(WAIT_S)
-    assert forwarder.kills[stale.job.task_id] == [keeper.fence_grace]
+    assert [k.grace_s for k in forwarder.kills_of(stale.job.task_id)] == [keeper.fence_grace]
     assert keeper.fence_grace < GRACE_S  # it must be over before the lease can expire
-    assert fresh.reason is None and fresh.job.task_id not in forwarder.kills
+    assert fresh.reason is None and not forwarder.kills_of(fresh.job.task_id)

@@ -3,55 +3,17 @@ timeouts, and ending them — through a fake forwarder that records kills."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
 from typing import cast
 
 import pytest
 from docker.models.containers import Container
+from fakes import FakeForwarder, job
 
-from fleet.forwarding.base import Job
 from fleet.worker.running import CANCELLED, LEASE_LOST, TIMEOUT, RunningTasks
 
 WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
 GRACE_S = 7.0
 CONTAINER = cast(Container, object())
-
-
-@dataclass
-class Kill:
-    container: Container
-    job: Job
-    grace_s: float
-
-
-@dataclass
-class FakeForwarder:
-    """Records every kill; `killed(task_id)` is set when that task's kill arrives."""
-
-    kills: list[Kill] = field(default_factory=list)
-    events: dict[str, threading.Event] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def killed(self, task_id: str) -> threading.Event:
-        with self.lock:
-            return self.events.setdefault(task_id, threading.Event())
-
-    def kill(self, container: Container, job: Job, grace_s: float,
-             sweep: list[str] | None = None) -> int:
-        with self.lock:
-            self.kills.append(Kill(container, job, grace_s))
-        self.killed(job.task_id).set()
-        return 1
-
-    def kills_of(self, task_id: str) -> list[Kill]:
-        with self.lock:
-            return [k for k in self.kills if k.job.task_id == task_id]
-
-
-def job(task_id: str, attempt: int = 1) -> Job:
-    return Job(task_id=task_id, agent="dev", attempt=attempt, payload=b"{}", command=["agent"],
-               user="10001")
 
 
 @pytest.fixture
