@@ -254,13 +254,17 @@ NOT_SETTINGS = frozenset({"FLEET_CONFIG"})  # names the file; not a setting
 def environment_values(environ: Mapping[str, str]) -> dict[str, Any]:
     """FLEET_* variables as nested values: FLEET_AGENTS__DEV__CPUS=2 is
     {"agents": {"dev": {"cpus": "2"}}}. A value that is a JSON list or
-    object is decoded; anything else is left for the model to convert."""
+    object is decoded; anything else is left for the model to convert. A
+    variable that names no setting (FLEET_SOMETHING_ELSE) is not fleet's:
+    it is left alone, as pydantic-settings did."""
     values: dict[str, Any] = {}
     for name, raw in sorted(environ.items()):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
+        if path[0] not in FleetSettings.model_fields:
+            continue
         value: Any = raw
         if raw.lstrip()[:1] in ("[", "{"):
             with suppress(ValueError):

@@ -136,3 +136,13 @@ def test_missing_config_file_named_by_variable(monkeypatch: pytest.MonkeyPatch, 
 ])
 def test_memory_sizes(text: str, size: int) -> None:
     assert parse_memory(text) == size
+
+
+def test_environment_values_nest_decode_json_and_leave_other_variables_alone() -> None:
+    from fleet.settings import environment_values
+
+    values = environment_values({
+        "FLEET_AGENTS__DEV__COMMAND": '["a", "b"]', "FLEET_AGENTS__DEV__CPUS": "2",
+        "fleet_namespace": "lower", "FLEET_CONFIG": "/etc/fleet.toml", "FLEET_TEST_SECRET": "not ours",
+        "HOME": "/root"})
+    assert values == {"agents": {"dev": {"command": ["a", "b"], "cpus": "2"}}, "namespace": "lower"}
