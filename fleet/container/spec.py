@@ -26,6 +26,10 @@ LABEL_HOST = "fleet.host"
 LABEL_SPEC_HASH = "fleet.spec-hash"
 LABEL_UID = "fleet.uid"  # on a state volume: the uid it was given to
 NOFILE_LIMIT = 4096
+# The container's own command: `sleep`, installed execute-only (0111, root's)
+# so that the process is not dumpable: a task cannot ptrace it into starting
+# processes of its own (fleet/inside/agent_image/Dockerfile).
+IDLE = "/usr/local/libexec/fleet-idle"
 
 
 def resource_name(namespace: str, agent: str, host: str) -> str:
@@ -57,7 +61,7 @@ class ContainerSpec(BaseModel):
         return {
             "image": self.image,
             "name": self.name,
-            "command": ["sleep", "infinity"],
+            "command": [IDLE, "infinity"],
             "hostname": self.labels[LABEL_AGENT],
             "user": self.user,
             "working_dir": HOME,

@@ -20,6 +20,12 @@ from fleet.container.spec import HOME, TOKEN_DIR
 from fleet.errors import EngineError
 
 PATH = "/usr/local/bin:/usr/bin:/bin"
+# How fleet's code is started in a container (the supervisor, the exec
+# forwarder's kill helper): isolated (-I: no PYTHON* variables, no user site,
+# no script directory on the path; -S: no `site`, so no `sitecustomize`),
+# from the root directory, never from the agent's $HOME.
+SUPERVISOR_PYTHON = ("python3", "-I", "-S", "-c")
+SUPERVISOR_CWD = "/"
 OutputCallback = Callable[[str, bytes], None]
 
 

@@ -32,6 +32,7 @@ from docker.utils.socket import STDERR, frames_iter
 from fleet.container.engine import engine_errors
 from fleet.container.spec import HOME
 from fleet.errors import EngineError
+from fleet.forwarding import base
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Job, OutputCallback, supervisor_source
 from fleet.forwarding.protocol import LineReader, ProtocolViolation, parse_message
 
@@ -44,11 +45,7 @@ STDERR_CHARS = 500  # of one line of the supervisor's stderr, in the host's log
 STDERR_LINES_PER_MINUTE = 20
 CLOSED = object()
 Mask = Callable[[str], str]
-# How the supervisor is started: isolated (-I: no PYTHON* variables, no user
-# site, no script directory on the path; -S: no `site`, so no
-# `sitecustomize`), from the root directory, never from the agent's $HOME.
-SUPERVISOR_PYTHON = ("python3", "-I", "-S", "-c")
-SUPERVISOR_CWD = "/"
+
 
 
 def unmasked(text: str) -> str:
@@ -62,9 +59,10 @@ class Channel:
         api = container.client.api
         with engine_errors(f"starting the supervisor in {container.name}"):
             exec_id = api.exec_create(container.id,
-                                      [*SUPERVISOR_PYTHON, supervisor_source(), "supervise", str(grace_s)],
+                                      [*base.SUPERVISOR_PYTHON, supervisor_source(), "supervise",
+                                       str(grace_s)],
                                       stdin=True, stdout=True, stderr=True, user=user,
-                                      workdir=SUPERVISOR_CWD)
+                                      workdir=base.SUPERVISOR_CWD)
             sock = api.exec_start(exec_id["Id"], socket=True)
         self.container_id = container.id
         self._attach(sock, container.name, keepalive_s, mask)

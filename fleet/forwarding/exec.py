@@ -14,7 +14,14 @@ from docker.utils.socket import STDERR, frames_iter
 
 from fleet.container.engine import ENGINE_FAILURES, engine_errors
 from fleet.container.spec import HOME
-from fleet.forwarding.base import ExitStatus, Job, OutputCallback, supervisor_source
+from fleet.forwarding.base import (
+    SUPERVISOR_CWD,
+    SUPERVISOR_PYTHON,
+    ExitStatus,
+    Job,
+    OutputCallback,
+    supervisor_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +86,8 @@ class ExecForwarder:
         order = {"task": job.task_id, "grace": grace_s, "sweep": sweep is not None,
                  "spare": sweep or []}
         with engine_errors(f"ending task {job.task_id} in {container.name}"):
-            done = container.exec_run(["python3", "-c", supervisor_source(), "kill", json.dumps(order)],
-                                      user=job.user)
+            done = container.exec_run([*SUPERVISOR_PYTHON, supervisor_source(), "kill", json.dumps(order)],
+                                      user=job.user, workdir=SUPERVISOR_CWD)
         output = done.output.decode() if isinstance(done.output, bytes) else ""
         try:
             return int(output.split()[0])

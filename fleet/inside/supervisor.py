@@ -44,6 +44,7 @@ LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # first of all: before any input is rea
 
 import base64  # noqa: E402  (after the prctl on purpose)
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -53,6 +54,9 @@ import time  # noqa: E402
 from typing import Any, BinaryIO, ClassVar  # noqa: E402
 
 CHUNK = 65536
+REAP_S = 1.0
+EXHAUSTED = {errno.EAGAIN, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+EXIT_EXHAUSTED = 70
 
 
 class Proc:
@@ -111,47 +115,50 @@ def descendants(info: dict[int, Proc], roots: set[int]) -> set[int]:
     return found
 
 
-def attributed(info: dict[int, Proc], task_id: str, mains: set[int]) -> set[int]:
-    """A task's processes: its own process (`mains`) and those carrying its
-    mark, everything below them, and everything in their sessions."""
-    marked = {p.pid for p in info.values() if p.env is not None and mark(task_id) in p.env}
-    below = descendants(info, (mains | marked) & set(info))
+def attributed(info: dict[int, Proc], task_id: str, mains: set[int], by_mark: bool) -> set[int]:
+    """A task's processes: those below its own process (`mains`) — and,
+    `by_mark`, below those carrying its mark — with everything in their sessions."""
+    roots = set(mains)
+    if by_mark:
+        roots |= {p.pid for p in info.values() if p.env is not None and mark(task_id) in p.env}
+    below = descendants(info, roots & set(info))
     sessions = {info[pid].session for pid in below}
     return {p.pid for p in info.values() if p.pid in below or p.session in sessions}
 
 
 def task_pids(task_id: str, spare: dict[str, set[int]] | None,
-              own: frozenset[int] | set[int] = frozenset()) -> set[int]:
-    """The task's processes; with `spare` (the running tasks: id → their
-    own processes), also the strays: every process re-parented to PID 1 or
-    to this process (the subreaper) that no running task accounts for —
-    readable or not — with everything below it and in its session. The
-    container's command, and what the host started (`docker exec`, parent 0),
-    are never strays."""
+              own: frozenset[int] | set[int] = frozenset(), everything: bool = False) -> set[int]:
+    """The task's processes (below its own, or carrying its mark); with
+    `spare` (the running tasks: id → their own processes), also every stray:
+    any process no running task accounts for, readable or not, wherever it
+    hangs in the tree (re-parented to PID 1 or to this subreaper, or below
+    the container's command). A mark only ever adds to what is ended: a
+    running task keeps what descends from its own process and its sessions;
+    only where its own process is unknown (docker exec forwarding) does its
+    mark keep a process. Kept besides: PID 1, the container's command, and
+    what the host started with `docker exec` (parent 0) — unless
+    `everything`, as when a supervisor starts and nothing should be running."""
     info = processes()
-    found = attributed(info, task_id, set(own)) if task_id else set()
+    found = attributed(info, task_id, set(own), by_mark=True) if task_id else set()
     if spare is None:
         return found
-    kept = set().union(*(attributed(info, t, mains) for t, mains in spare.items()))
+    kept = set().union(*(attributed(info, t, mains, by_mark=not mains) for t, mains in spare.items()))
     kept |= container_command(info)
-    orphans = {p.pid for p in info.values() if p.parent in (1, os.getpid())} - kept
-    strays = descendants(info, orphans)
-    sessions = {info[pid].session for pid in strays}
-    strays |= {p.pid for p in info.values() if p.session in sessions}
-    return found | (strays - kept)
+    candidates = set(info) if everything else {p.pid for p in info.values() if p.parent != 0}
+    return found | (candidates - kept)
 
 
 def end(task_id: str, grace: float, spare: dict[str, set[int]] | None,
-        own: frozenset[int] | set[int] = frozenset()) -> int:
+        own: frozenset[int] | set[int] = frozenset(), everything: bool = False) -> int:
     """SIGTERM, then SIGKILL after `grace`; returns once none is left."""
-    found = task_pids(task_id, spare, own)
+    found = task_pids(task_id, spare, own, everything)
     if not found:
         return 0
     signal_all(found, signal.SIGTERM if grace > 0 else signal.SIGKILL)
     deadline = time.monotonic() + grace
-    while (left := task_pids(task_id, spare, own)) and time.monotonic() < deadline:
+    while (left := task_pids(task_id, spare, own, everything)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    while left := task_pids(task_id, spare, own):
+    while left := task_pids(task_id, spare, own, everything):
         signal_all(left, signal.SIGKILL)
         reap_strays()
         time.sleep(0.01)
@@ -168,8 +175,9 @@ def signal_all(pids: set[int], sig: int) -> None:
 def reap_strays() -> None:
     """Collect the exit status of re-parented strays that died (zombies
     under the subreaper), without touching the tasks' own children."""
+    mains = set(Supervisor.mains.values())
     for proc in processes().values():
-        if proc.parent == os.getpid() and proc.pid not in Supervisor.mains.values():
+        if proc.parent == os.getpid() and proc.pid not in mains:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(proc.pid, os.WNOHANG)
 
@@ -197,7 +205,10 @@ class Supervisor:
 
     def serve(self) -> None:
         LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        end("", 0, {})  # whatever an earlier supervisor or its tasks left behind
+        # Nothing of an earlier supervisor may outlive it: not its tasks, not
+        # itself (stopped, say), not what was hidden under the container's command.
+        end("", 0, {}, everything=True)
+        threading.Thread(target=self.reap, daemon=True).start()
         self.send({"t": "ready", "pid": os.getpid()})
         for line in sys.stdin.buffer:
             message = json.loads(line)
@@ -210,6 +221,15 @@ class Supervisor:
         # and its command, SIGTERM first so a task can stop cleanly.
         end("", self.grace, {})
 
+    def reap(self) -> None:
+        """Collect re-parented processes as they die, so their zombies never
+        fill the pids limit between sweeps. Under `spawning`: a task's own
+        process is in `mains` by then, and its exit status stays its own."""
+        while True:
+            time.sleep(REAP_S)
+            with self.spawning:
+                reap_strays()
+
     def run(self, message: dict[str, Any]) -> None:
         task_id = message["id"]
         try:
@@ -219,6 +239,11 @@ class Supervisor:
                                          stderr=subprocess.PIPE, start_new_session=True)
                 Supervisor.mains[task_id] = child.pid
         except OSError as error:
+            if error.errno in EXHAUSTED:
+                # Out of processes, files or memory (a task may have lowered
+                # this supervisor's limits): no task can start here. Going
+                # away breaks the channel, and the consumer replaces the container.
+                os._exit(EXIT_EXHAUSTED)
             self.send({"t": "out", "id": task_id, "s": "stderr",
                        "d": base64.b64encode(f"fleet: cannot start {message['argv'][0]}: "
                                              f"{error.strerror}\n".encode()).decode()})

@@ -23,7 +23,7 @@ from fleet.broker.publish import Republish
 from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
-from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, TaskNotFound
+from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord
 from fleet.settings import AgentSpec, FleetSettings
@@ -193,3 +193,7 @@ def register_consumer(app: Celery, runner: TaskRunner) -> None:
         except HeldBack as held:
             # Back to the queue, untouched: no attempt is used up while held back.
             raise Reject(str(held), requeue=True) from None
+        except StateStoreError as error:
+            # Redis went away before the attempt was recorded (an outcome
+            # waits for Redis on its own): the message goes back, not lost.
+            raise Reject(f"Redis: {error}", requeue=True) from None

@@ -87,7 +87,9 @@ def test_tasks_spread_over_three_hosts_and_a_killed_host_shows_lost(
         make_fleet: MakeFleet, network: SimulatedNetwork) -> None:
     fleet = make_fleet({"dev": {"concurrency": 2}}, redis_url=network.redis_url, heartbeat_s=1)
     workers = start_hosts(fleet, network, HOSTS)
-    hosts = eventually(lambda: h if len(h := host_states(fleet)) == 3 else None, "3 hosts")
+    # Three hosts, each beating with its container (made by its consumer after the first beat).
+    hosts = eventually(lambda: h if len(h := host_states(fleet)) == 3
+                       and all(s["containers"] for s in h.values()) else None, "3 hosts with containers")
     for name in HOSTS:
         assert hosts[name]["state"] == "up"
         assert hosts[name]["agents"] == ["dev"] and hosts[name]["slots"] == {"dev": 2}

@@ -22,9 +22,11 @@ import pytest
 from docker.models.containers import Container
 from support import Fleet, MakeFleet, wait_for_state
 
+from fleet.container import spec as spec_module
 from fleet.container.manager import ContainerManager
 from fleet.container.spec import HOME
 from fleet.errors import EngineError
+from fleet.forwarding import base as base_module
 from fleet.forwarding import channel as channel_module
 from fleet.forwarding.base import ExitStatus, Job, supervisor_source
 from fleet.forwarding.channel import ChannelForwarder
@@ -41,10 +43,15 @@ RUN = ["python3", "-I", "-c", RUN_CODE]
 
 # The controls a fixture can take away, one at a time: (what, the supervisor
 # source's text, its weakened replacement) or the way it is started.
-WEAKENINGS: dict[str, tuple[str, str]] = {
-    "dumpable": ("LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)", "pass"),
-    "sweep-skips-unreadable": ("            env = None", "            continue"),
-    "sweep-ignores-pid-1": ("if p.parent in (1, os.getpid())", "if p.parent == os.getpid()"),
+WEAKENINGS: dict[str, list[tuple[str, str]]] = {
+    "dumpable": [("LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)", "pass")],
+    "sweep-skips-unreadable": [("            env = None", "            continue")],
+    # The sweep as it was: only what the subreaper adopted, and no sweep of everything at start.
+    "sweep-ignores-pid-1": [("{p.pid for p in info.values() if p.parent != 0}",
+                             "{p.pid for p in info.values() if p.parent == os.getpid()}"),
+                            ('end("", 0, {}, everything=True)', "pass")],
+    "marks-keep-orphans": [("by_mark=not mains", "by_mark=True")],
+    "exhaustion-ignored": [("if error.errno in EXHAUSTED:", "if False:")],
 }
 
 
@@ -97,14 +104,16 @@ def place(make_fleet: MakeFleet, docker_client: docker.DockerClient,
           monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Place]:
     weakened: str | None = getattr(request, "param", None)
     if weakened == "started-as-before":
-        monkeypatch.setattr(channel_module, "SUPERVISOR_PYTHON", ("python3", "-c"))
-        monkeypatch.setattr(channel_module, "SUPERVISOR_CWD", HOME)
+        monkeypatch.setattr(base_module, "SUPERVISOR_PYTHON", ("python3", "-c"))
+        monkeypatch.setattr(base_module, "SUPERVISOR_CWD", HOME)
+    elif weakened == "traceable-command":
+        monkeypatch.setattr(spec_module, "IDLE", "/bin/sleep")
     elif weakened is not None:
-        control, replacement = WEAKENINGS[weakened]
         source = supervisor_source()
-        assert control in source, f"the control {weakened!r} is no longer where this fixture looks"
-        monkeypatch.setattr(channel_module, "supervisor_source",
-                            lambda: source.replace(control, replacement))
+        for control, replacement in WEAKENINGS[weakened]:
+            assert control in source, f"the control {weakened!r} is no longer where this fixture looks"
+            source = source.replace(control, replacement)
+        monkeypatch.setattr(channel_module, "supervisor_source", lambda: source)
     fleet = make_fleet({"dev": {}})
     container = ContainerManager(docker_client, fleet.settings).ensure("dev")
     made = Place(fleet, container, weakened)
@@ -277,6 +286,114 @@ def test_a_daemon_adopted_by_pid_1_is_ended(place: Place) -> None:
 @pytest.mark.parametrize("place", [weakened("sweep-ignores-pid-1")], indirect=True)
 def test_weakened_adopted_daemon_probe_finds_the_hole(place: Place) -> None:
     assert probe_daemon(place, kill_supervisor=True) != []
+
+
+# -- the container's own command, the supervisor's limits, borrowed marks ----------------------
+
+TRACE = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+children = sorted((int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[19]), int(p))
+                  for p in os.listdir("/proc") if p.isdigit()
+                  and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == "1")
+command = children[0][1]
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+attached = libc.ptrace(PTRACE_ATTACH, command, 0, 0) == 0
+if attached:
+    os.waitpid(command, 0)
+    libc.ptrace(PTRACE_DETACH, command, 0, 0)
+print("attached" if attached else "refused %d" % ctypes.get_errno(), flush=True)
+"""
+
+
+def probe_trace_command(place: Place) -> list[str]:
+    """Can a task ptrace the container's own command (and so make it start
+    processes that hang below it, out of every task's tree)?"""
+    _, output = place.run(place.forwarder(), TRACE)
+    return ["the task attached to the container's command"] if "attached" in output else []
+
+
+def test_a_task_cannot_trace_the_containers_command(place: Place) -> None:
+    assert probe_trace_command(place) == []
+
+
+@pytest.mark.parametrize("place", [pytest.param("traceable-command", id="weakened:traceable-command")],
+                         indirect=True)
+def test_weakened_trace_command_probe_finds_the_hole(place: Place) -> None:
+    assert probe_trace_command(place) != []
+
+
+LIMIT = r"""
+import os, resource
+resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (9, 4096))
+print("lowered", flush=True)
+"""
+
+
+def probe_exhausted_supervisor(place: Place) -> list[str]:
+    """A task lowers its supervisor's open-file limit: does every later task
+    then fail as its own failure, on a channel still trusted?"""
+    forwarder = place.forwarder()
+    place.run(forwarder, LIMIT)
+    status, output = place.run(forwarder, "print('hello')")
+    if status is not None and status.code == 127:
+        return [f"a later task failed on a channel still trusted: {output.strip()}"]
+    return []
+
+
+def test_a_supervisor_that_cannot_start_tasks_breaks_its_channel(place: Place) -> None:
+    assert probe_exhausted_supervisor(place) == []
+
+
+@pytest.mark.parametrize("place", [weakened("exhaustion-ignored")], indirect=True)
+def test_weakened_exhausted_supervisor_probe_finds_the_hole(place: Place) -> None:
+    assert probe_exhausted_supervisor(place) != []
+
+
+BORROW = r"""
+import os, time
+tag, other = payload["tag"], payload["other"]
+while not os.path.exists(f"/tmp/{other}"):  # the other task runs
+    time.sleep(0.01)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):  # it holds none of its task's pipes: the task ends at once
+            os.dup2(null, fd)
+        daemon = f"import os, time; open('/tmp/{tag}', 'w').write(str(os.getpid())); time.sleep(600)"
+        os.execve("/usr/bin/python3", ["python3", "-c", daemon],
+                  {"FLEET_TASK_ID": other})  # the mark of another, running task
+    os._exit(0)
+while not os.path.exists(f"/tmp/{tag}"):
+    time.sleep(0.01)
+"""
+
+
+def probe_borrowed_mark(place: Place) -> list[str]:
+    """A daemon wears the mark of another task that is still running: does
+    it outlive the task that started it?"""
+    forwarder = place.forwarder()
+    other, tag = "other-" + uuid.uuid4().hex[:8], "borrow-" + uuid.uuid4().hex[:8]
+    up = "import os, time; open('/tmp/' + os.environ['FLEET_TASK_ID'], 'w').close(); time.sleep(8)"
+    running = threading.Thread(target=place.run, args=(forwarder, up), kwargs={"task_id": other},
+                               daemon=True)
+    running.start()
+    place.run(forwarder, BORROW, {"tag": tag, "other": other})
+    pid = place.read(f"/tmp/{tag}")
+    assert pid.isdigit(), pid
+    alive = place.alive(pid)
+    running.join(RUN_LIMIT_S)
+    return [f"daemon {pid} outlived its task under another task's mark"] if alive else []
+
+
+def test_a_borrowed_mark_keeps_no_daemon_alive(place: Place) -> None:
+    assert probe_borrowed_mark(place) == []
+
+
+@pytest.mark.parametrize("place", [weakened("marks-keep-orphans")], indirect=True)
+def test_weakened_borrowed_mark_probe_finds_the_hole(place: Place) -> None:
+    assert probe_borrowed_mark(place) != []
 
 
 # -- the consumer's recovery, with a real `fleet worker` ------------------------------
