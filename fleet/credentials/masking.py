@@ -50,33 +50,54 @@ def base64_cores(value: bytes) -> set[str]:
     return cores
 
 
-def json_spelling(text: str) -> str:
-    """A pattern for `text` with each character either as itself or as
-    JSON writes it escaped (`\\u00e9`, `\\/`), in any mix."""
+def hex_digits(number: int, width: int) -> str:
+    """A pattern for `number` in hex, either case."""
+    return "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in f"{number:0{width}x}")
+
+
+def escaped_spelling(text: str) -> str:
+    """A pattern for `text` with each character as itself or escaped the
+    ways JSON (`\\u00e9`, `\\/`), URLs (`%2F`, any character, either case)
+    and HTML (`&#47;`, `&#x2f;`) write it, in any mix."""
     parts = []
     for char in text:
-        escapes = [re.escape(char)]
-        if ord(char) < 0x10000:
-            code = f"{ord(char):04x}"
-            escapes.append(r"\\u" + "".join(f"[{c}{c.upper()}]" if c.isalpha() else c for c in code))
+        code = ord(char)
+        escapes = [re.escape(char), rf"&#0*{code};", rf"&#[xX]0*{hex_digits(code, 1)};"]
+        if code < 0x10000:
+            escapes.append(r"\\u" + hex_digits(code, 4))
+        escapes += ["%" + hex_digits(byte, 2) for byte in [char.encode()[0]] if len(char.encode()) == 1]
         if char in '/"\\':
             escapes.append(re.escape("\\" + char))
         parts.append(f"(?:{'|'.join(escapes)})")
     return "".join(parts)
 
 
+def base32_cores(value: bytes) -> set[str]:
+    """As `base64_cores`, for base32 (five byte offsets, 5-bit characters)."""
+    cores = set()
+    for offset in range(5):
+        start = -(-8 * offset // 5)
+        end = 8 * (offset + len(value)) // 5
+        cores.add(base64.b32encode(b"\0" * offset + value + b"\0" * 4).decode()[start:end])
+    return cores
+
+
+def wrapped(form: str) -> str:
+    """A pattern for `form` with a line break allowed between any two characters."""
+    return WRAP.join(map(re.escape, form))
+
+
 def patterns(value: bytes) -> list[str]:
     """Regular expressions for every shape of one value, longest first."""
     text = value.decode("utf-8", "replace")
-    shapes = {re.escape(form) for form in (
-        quote(text, safe=""), quote(text), quote(text, safe="").lower(),
-        value.hex(), value.hex().upper(),
-    ) if len(form) >= MIN_FORM and form != text}
+    shapes = {re.escape(form) for form in (quote(text, safe=""), quote(text))
+              if len(form) >= MIN_FORM and form != text}
+    shapes |= {wrapped(form) for form in (value.hex(), value.hex().upper())}  # xxd -p wraps at 60
     if len(text) >= MIN_FORM:
-        shapes.add(json_spelling(text))
-    shapes |= {WRAP.join(map(re.escape, core)) for core in base64_cores(value) if len(core) >= MIN_FORM}
-    shapes |= {WRAP.join(map(re.escape, core)) for core in base64_cores(value + b"\n")
-               if len(core) >= MIN_FORM}
+        shapes.add(escaped_spelling(text))
+        shapes.add("".join(re.escape(char) + "\x00" for char in text))  # UTF-16LE, decoded as UTF-8
+    for cores in (base64_cores(value), base64_cores(value + b"\n"), base32_cores(value)):
+        shapes |= {wrapped(core) for core in cores if len(core) >= MIN_FORM}
     return sorted(shapes, key=len, reverse=True)
 
 
@@ -99,7 +120,7 @@ class Masker:
 
     def add(self, values: Iterable[bytes]) -> bool:
         """Mask these values too; True if any was new."""
-        new = {v for v in values if v and v not in self.values}
+        new = {form for v in values for form in (v, v.strip()) if form and form not in self.values}
         if not new:
             return False
         self.values |= new
@@ -138,6 +159,8 @@ class StreamMasker:
             return [(stream, text)]
         self._pending.append((stream, text))
         self._size += len(text)
+        if "\n" not in text and self._size <= MAX_PENDING:
+            return []  # nothing can be released before a line ends: no scan
         joined = "".join(t for _, t in self._pending)
         cut = self._release_point(joined)
         return self._release(joined, cut)
@@ -151,10 +174,11 @@ class StreamMasker:
         wrapped base64 waits for the next (a value may go on there). Past
         MAX_PENDING, all but a tail as long as the longest match."""
         cut = joined.rfind("\n") + 1
-        if cut:
+        while cut:  # a run of lines that may be wrapped base64 waits whole
             previous = joined.rfind("\n", 0, cut - 1) + 1
-            if B64_LINE_END.search(joined, previous, cut - 1):
-                cut = previous
+            if not B64_LINE_END.search(joined, previous, cut - 1):
+                break
+            cut = previous
         if len(joined) - cut > MAX_PENDING:
             cut = max(cut, len(joined) - self.masker.longest)
         return cut

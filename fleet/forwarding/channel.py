@@ -39,6 +39,7 @@ from fleet.forwarding.protocol import LineReader, ProtocolViolation, parse_messa
 log = logging.getLogger(__name__)
 
 KILL_REPLY_MARGIN_S = 30.0
+READY_S = 30.0
 KEEPALIVE_S = 20.0  # fleet pings the supervisor this often
 SILENT_PINGS = 3  # a supervisor that has answered none of this many pings is hung or cut off
 STDERR_CHARS = 500  # of one line of the supervisor's stderr, in the host's log
@@ -101,7 +102,11 @@ class Channel:
         self.ready: queue.Queue[Any] = queue.Queue()
         self.said_ready = False
         threading.Thread(target=self._read, name=f"channel-{self.name}", daemon=True).start()
-        ready = self.ready.get(timeout=30)
+        try:
+            ready = self.ready.get(timeout=READY_S)
+        except queue.Empty:  # stopped before it could say so (by a task's leftover, say)
+            self.break_off(f"the supervisor did not say it was ready within {READY_S:g} s")
+            ready = CLOSED
         if ready is CLOSED:
             raise ChannelBroken(f"the supervisor in {self.name} did not start: {self.broken}")
         self.supervisor_pid = int(ready["pid"])  # in the container's pid namespace

@@ -78,6 +78,8 @@ def classify(status: ExitStatus, *, agent: str, attempt: int, spec: AgentSpec,
                              f"{attempt}", attempt=attempt, spec=spec, rng=rng)
     if status.code == EXIT_CREDENTIAL:
         token = credential_token(last_stderr_line)
+        if token not in spec.tokens:  # only a token the agent declares is named (never a value)
+            token = None
         named = f"token {token!r}" if token else "a token"
         fix = f"fleet tokens set {agent} {token or 'NAME'}"
         message = (f"credential failure (exit 77): {named} of agent {agent!r} was rejected; "

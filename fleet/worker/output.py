@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,25 +38,36 @@ class OutputRecorder:
         self.truncated = False
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
         self.masker = Masker(secrets)
+        # Masked as one interleaved text, then each stream again on its own:
+        # a reader of one stream alone must not see a value the other broke up.
         self._streams = StreamMasker(self.masker)
+        self._each = {s: StreamMasker(self.masker) for s in STREAMS}
         self._rotated = rotated  # values of tokens rotated since the last call (usually none)
-        self._tails = dict.fromkeys(STREAMS, "")
+        self._tails: dict[str, deque[str]] = {s: deque() for s in STREAMS}
+        self._tail_sizes = dict.fromkeys(STREAMS, 0)
         self._unsent: list[tuple[str, str]] = []
 
     def write(self, stream: str, data: bytes) -> None:
         if self._rotated is not None:
             self.masker.add(self._rotated())
         for piece in self._streams.feed(stream, self._decoders[stream].decode(data)):
-            self._record(*piece)
+            self._pass_on(*piece)
 
     def close(self) -> None:
         """Release what the masker holds back (an unfinished last line)."""
         for stream in STREAMS:
             for piece in self._streams.feed(stream, self._decoders[stream].decode(b"", True)):
-                self._record(*piece)
+                self._pass_on(*piece)
         for piece in self._streams.close():
-            self._record(*piece)
+            self._pass_on(*piece)
+        for masker in self._each.values():
+            for piece in masker.close():
+                self._record(*piece)
         self._send()
+
+    def _pass_on(self, stream: str, text: str) -> None:
+        for piece in self._each[stream].feed(stream, text):
+            self._record(*piece)
 
     def flush(self) -> None:
         """Store what still waits for Redis; StateStoreError while it is away."""
@@ -65,7 +77,11 @@ class OutputRecorder:
     def _record(self, stream: str, text: str) -> None:
         if not text:
             return
-        self._tails[stream] = (self._tails[stream] + text)[-TAIL_LIMIT:]
+        tail = self._tails[stream]  # recent pieces, at least TAIL_LIMIT long, no copy per piece
+        tail.append(text)
+        self._tail_sizes[stream] += len(text)
+        while self._tail_sizes[stream] - len(tail[0]) >= TAIL_LIMIT:
+            self._tail_sizes[stream] -= len(tail.popleft())
         if self.truncated:
             return
         if len(text) > self.remaining:
@@ -99,7 +115,7 @@ class OutputRecorder:
         """The stream's last line, masked. On stdout a JSON line (the result)
         is masked again after decoding: a value JSON spelled some other way
         than the masker looks for does not reach the result either."""
-        lines = [line for line in self._tails[stream].splitlines() if line.strip()]
+        lines = [line for line in "".join(self._tails[stream])[-TAIL_LIMIT:].splitlines() if line.strip()]
         line = lines[-1].strip() if lines else ""
         if stream != "stdout" or not self.masker.active:
             return line

@@ -30,7 +30,7 @@ from fleet.worker.decision import (
 from fleet.worker.effects import Credentials, Effects
 from fleet.worker.running import CANCELLED, HANDBACK, TIMEOUT
 
-SPEC = AgentSpec(credential_retries=2, transient_retries=1, breaker_threshold=3)
+SPEC = AgentSpec(tokens=["forge"], credential_retries=2, transient_retries=1, breaker_threshold=3)
 
 
 def facts(code: int = 0, attempt: int = 1, **overrides: Any) -> AttemptFacts:

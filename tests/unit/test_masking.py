@@ -6,17 +6,18 @@ property test generates tokens and shapes and finds none that gets through."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import random
 import textwrap
 from collections.abc import Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleet.credentials.masking import MASK, MAX_PENDING, Masker, StreamMasker, base64_cores
+from fleet.credentials.masking import MASK, MAX_PENDING, Masker, StreamMasker, base32_cores, base64_cores
 
 TOKEN = b"ghp_s3cr3t/value+with=odd&chars"
 
@@ -62,6 +63,13 @@ SHAPES: dict[str, Callable[[bytes, random.Random], str]] = {
     "url": lambda t, r: quote(t.decode(), safe=""),
     "url-lower": lambda t, r: quote(t.decode(), safe="").lower(),
     "url-path": lambda t, r: "https://h/x?t=" + quote(t.decode()),
+    "url-every-byte": lambda t, r: "".join(f"%{b:02X}" for b in t),
+    "url-some-bytes": lambda t, r: "".join(f"%{b:02x}" if r.random() < 0.5 else chr(b) for b in t),
+    "html-entities": lambda t, r: "".join(f"&#{b};" if r.random() < 0.5 else f"&#x{b:x};" for b in t),
+    "xxd-hex-wrapped": lambda t, r: "\n".join(textwrap.wrap((b"xx" + t).hex(), 60)),
+    "base32": lambda t, r: base64.b32encode(b"abc" + t).decode(),
+    "utf-16le": lambda t, r: (t.decode() + "!").encode("utf-16-le").decode(),
+    "wrapped-long-basic": lambda t, r: "\n".join(textwrap.wrap(b64(b"user:" + t * 4), 64)),
 }
 
 
@@ -70,7 +78,10 @@ def leaks(token: bytes, out: str) -> list[str]:
     flat = out.replace("\n", "")
     found = [form for form in (token.decode(), token.hex(), token.hex().upper(),
                                quote(token.decode(), safe="")) if form in out]
-    found += [core for core in base64_cores(token) if len(core) >= 8 and core in flat]
+    found += [core for core in base64_cores(token) | base32_cores(token) if len(core) >= 8 and core in flat]
+    decoded = html.unescape(unquote(flat)).replace("\x00", "")  # entities, %XX, UTF-16's zero bytes
+    found += [f"decoded: {token.decode()}"] if token.decode() in decoded else []
+    found += [f"hex: {token.hex()}"] if token.hex() in flat.lower() else []
     return found
 
 
@@ -88,6 +99,11 @@ def test_a_value_split_across_chunks_is_caught() -> None:
     for cut in range(1, len(text)):
         out = text_of(run(Masker([TOKEN]), [("stdout", text[:cut]), ("stdout", text[cut:])]))
         assert out == f"token={MASK}\nnext line\n"
+
+
+def test_a_value_with_a_trailing_line_end_in_its_file_is_masked_as_printed() -> None:
+    out = text_of(run(Masker([TOKEN + b"\r\n"]), [("stdout", f"token {TOKEN.decode()} ok\n")]))
+    assert out == f"token {MASK} ok\n"
 
 
 def test_a_value_split_across_stdout_and_stderr_is_caught() -> None:

@@ -9,7 +9,7 @@ from fleet.record import ErrorKind, State
 from fleet.settings import AgentSpec
 from fleet.worker.outcome import backoff, classify, parse_result
 
-SPEC = AgentSpec(transient_retries=2, credential_retries=1, transient_backoff_s=1,
+SPEC = AgentSpec(tokens=["forge"], transient_retries=2, credential_retries=1, transient_backoff_s=1,
                  transient_backoff_max_s=10, credential_backoff_s=20, credential_backoff_max_s=30)
 
 
@@ -46,6 +46,9 @@ def test_credential_failure_names_the_token_and_the_fix() -> None:
     assert last.error.kind == ErrorKind.CREDENTIAL
     assert "fleet tokens set dev forge" in last.error.message
     assert outcome(77, stderr="something else").token is None
+    # A name the agent does not declare is not repeated (it may be a token's value).
+    leaked = outcome(77, stderr="fleet: credential-failure token=ghp_s3cr3tvalue")
+    assert leaked.token is None and leaked.error is not None and "ghp_" not in leaked.error.message
 
 
 def test_other_codes_fail_without_retry() -> None:
