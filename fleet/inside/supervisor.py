@@ -62,10 +62,12 @@ EXIT_EXHAUSTED = 70
 class Proc:
     """One process of the container, as /proc shows it to a process of the same uid."""
 
-    __slots__ = ("env", "parent", "pid", "session", "start")
+    __slots__ = ("env", "parent", "pid", "session", "start", "stopped")
 
-    def __init__(self, pid: int, parent: int, start: int, session: int, env: set[bytes] | None) -> None:
+    def __init__(self, pid: int, parent: int, start: int, session: int, env: set[bytes] | None,
+                 stopped: bool = False) -> None:
         self.pid, self.parent, self.start, self.session, self.env = pid, parent, start, session, env
+        self.stopped = stopped
 
 
 def processes() -> dict[int, Proc]:
@@ -87,7 +89,7 @@ def processes() -> dict[int, Proc]:
                 env = set(f.read().split(b"\0"))
         except OSError:
             env = None
-        found[pid] = Proc(pid, int(fields[1]), int(fields[19]), int(fields[3]), env)
+        found[pid] = Proc(pid, int(fields[1]), int(fields[19]), int(fields[3]), env, fields[0] in "Tt")
     return found
 
 
@@ -136,16 +138,18 @@ def task_pids(task_id: str, spare: dict[str, set[int]] | None,
     running task keeps what descends from its own process and its sessions;
     only where its own process is unknown (docker exec forwarding) does its
     mark keep a process. Kept besides: PID 1, the container's command, and
-    what the host started with `docker exec` (parent 0) — unless
-    `everything`, as when a supervisor starts and nothing should be running."""
+    what the host started with `docker exec` (parent 0: another consumer's
+    supervisor, the exec forwarder's runs) with everything below it — though
+    when a supervisor starts (`everything`), not a stopped one: that is an
+    earlier supervisor a task stopped, with what it shelters."""
     info = processes()
     found = attributed(info, task_id, set(own), by_mark=True) if task_id else set()
     if spare is None:
         return found
     kept = set().union(*(attributed(info, t, mains, by_mark=not mains) for t, mains in spare.items()))
     kept |= container_command(info)
-    candidates = set(info) if everything else {p.pid for p in info.values() if p.parent != 0}
-    return found | (candidates - kept)
+    hosts = {p.pid for p in info.values() if p.parent == 0 and not (everything and p.stopped)}
+    return found | (set(info) - kept - descendants(info, hosts))
 
 
 def end(task_id: str, grace: float, spare: dict[str, set[int]] | None,

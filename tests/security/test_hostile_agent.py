@@ -47,8 +47,9 @@ WEAKENINGS: dict[str, list[tuple[str, str]]] = {
     "dumpable": [("LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)", "pass")],
     "sweep-skips-unreadable": [("            env = None", "            continue")],
     # The sweep as it was: only what the subreaper adopted, and no sweep of everything at start.
-    "sweep-ignores-pid-1": [("{p.pid for p in info.values() if p.parent != 0}",
-                             "{p.pid for p in info.values() if p.parent == os.getpid()}"),
+    "sweep-ignores-pid-1": [("return found | (set(info) - kept - descendants(info, hosts))",
+                             "return found | ({p.pid for p in info.values()"
+                             " if p.parent == os.getpid()} - kept)"),
                             ('end("", 0, {}, everything=True)', "pass")],
     "marks-keep-orphans": [("by_mark=not mains", "by_mark=True")],
     "exhaustion-ignored": [("if error.errno in EXHAUSTED:", "if False:")],
