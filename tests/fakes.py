@@ -5,9 +5,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+import pytest
 from docker.models.containers import Container
 
 from fleet.forwarding.base import Job
+from fleet.worker.running import RunningTasks
+
+GRACE_S = 7.0  # the kill grace of the running-task tables made here
 
 
 @dataclass
@@ -44,3 +48,13 @@ class FakeForwarder:
 def job(task_id: str, attempt: int = 1) -> Job:
     return Job(task_id=task_id, agent="dev", attempt=attempt, payload=b"{}", command=["agent"],
                user="10001")
+
+
+@pytest.fixture
+def forwarder() -> FakeForwarder:
+    return FakeForwarder()
+
+
+@pytest.fixture
+def running(forwarder: FakeForwarder) -> RunningTasks:
+    return RunningTasks(forwarder, kill_grace_s=GRACE_S)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from typing import cast
 import fakeredis
 import pytest
 from docker.models.containers import Container
-from fakes import FakeForwarder
+from fakes import GRACE_S, FakeForwarder
 
 from fleet.forwarding.base import Job
 from fleet.record import ErrorKind, State, TaskRecord
@@ -25,7 +25,6 @@ from fleet.worker.running import CANCELLED, LEASE_LOST, RunningTask, RunningTask
 
 WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
 TTL_S = 30.0
-GRACE_S = 7.0
 OWNER = "h1:4242"
 CONTAINER = cast(Container, object())
 
@@ -64,16 +63,6 @@ def redis() -> fakeredis.FakeRedis:
 @pytest.fixture
 def store(redis: fakeredis.FakeRedis) -> TaskStore:
     return TaskStore(redis, "ns", retention_s=1000)
-
-
-@pytest.fixture
-def forwarder() -> FakeForwarder:
-    return FakeForwarder()
-
-
-@pytest.fixture
-def running(forwarder: FakeForwarder) -> RunningTasks:
-    return RunningTasks(forwarder, kill_grace_s=GRACE_S)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -7,23 +7,12 @@ from typing import cast
 
 import pytest
 from docker.models.containers import Container
-from fakes import FakeForwarder, job
+from fakes import GRACE_S, FakeForwarder, job
 
 from fleet.worker.running import CANCELLED, LEASE_LOST, TIMEOUT, RunningTasks
 
 WAIT_S = 5.0  # a bound for what happens at once; only a broken behaviour waits it out
-GRACE_S = 7.0
 CONTAINER = cast(Container, object())
-
-
-@pytest.fixture
-def forwarder() -> FakeForwarder:
-    return FakeForwarder()
-
-
-@pytest.fixture
-def running(forwarder: FakeForwarder) -> RunningTasks:
-    return RunningTasks(forwarder, kill_grace_s=GRACE_S)  # type: ignore[arg-type]
 
 
 def test_add_remove_and_all(running: RunningTasks) -> None:
