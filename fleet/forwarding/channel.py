@@ -271,7 +271,9 @@ class Channel:
 
 class ChannelForwarder:
     """The default forwarder: a channel per container, opened on first use
-    and reopened when it breaks."""
+    (never again into a container whose channel broke: that one is replaced).
+    Opening one (up to READY_S) holds only that container's opening lock, so
+    looking at the other channels never waits for it."""
 
     def __init__(self, user: str, grace_s: float, keepalive_s: float = KEEPALIVE_S,
                  mask: Mask = unmasked) -> None:
@@ -280,12 +282,16 @@ class ChannelForwarder:
         self.keepalive_s = keepalive_s
         self.mask = mask
         self.channels: dict[str, Channel] = {}
-        self.lock = threading.Lock()
+        self.openings: dict[str, threading.Lock] = {}  # one opening at a time per container
+        self.lock = threading.Lock()  # guards the two tables, never held while opening
 
     def channel(self, container: Container) -> Channel:
+        key = str(container.id)
         with self.lock:
-            key = str(container.id)
-            current = self.channels.get(key)
+            opening = self.openings.setdefault(key, threading.Lock())
+        with opening:
+            with self.lock:
+                current = self.channels.get(key)
             if current is not None and current.usable:
                 return current
             if current is not None and current.broken is not None:
@@ -294,7 +300,8 @@ class ChannelForwarder:
                 raise current.ended("earlier")
             log.info("opening the channel into %s", container.name)
             opened = Channel(container, self.user, self.grace_s, self.keepalive_s, self.mask)
-            self.channels[key] = opened
+            with self.lock:
+                self.channels[key] = opened
             return opened
 
     def connected(self, container: Container) -> bool:

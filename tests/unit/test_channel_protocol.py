@@ -328,3 +328,25 @@ def test_kill_gets_its_reply_by_ref(channel: Channel, supervisor: FakeSupervisor
     assert not run.done.is_set()  # the kill's reply is not the run's
     supervisor.send({"t": "exit", "id": "t1", "code": -15, "left": 0})
     assert run.result() == ExitStatus(code=-15)
+
+
+def test_opening_a_channel_does_not_hold_up_looking_at_the_others(
+        ends: tuple[socket.socket, FakeSupervisor]) -> None:
+    from fleet.forwarding.channel import ChannelForwarder
+
+    ours, supervisor = ends
+    api = FakeAPI(ours)
+    slow = SimpleNamespace(id="c-slow", name="slow", client=SimpleNamespace(api=api))
+    other = SimpleNamespace(id="c-other", name="other")
+    forwarder = ChannelForwarder("10001", grace_s=1)
+    opening = Background(lambda: forwarder.channel(slow))  # type: ignore[arg-type]
+    deadline = time.monotonic() + WAIT_S
+    while not api.created and time.monotonic() < deadline:  # its exec session is being made
+        time.sleep(0.001)
+    assert api.created
+    looked = Background(lambda: forwarder.connected(other))  # type: ignore[arg-type]
+    assert looked.result() is False  # at once, while the other container's supervisor is still starting
+    assert not opening.done.is_set()
+    supervisor.send({"t": "ready", "pid": 9})
+    assert opening.result().supervisor_pid == 9
+    opening.result().close()
