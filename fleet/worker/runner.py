@@ -30,6 +30,7 @@ from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.store import TaskStore
 from fleet.worker.decision import AttemptFacts, decide, engine_failure
 from fleet.worker.effects import Credentials, Effects, until_stored
+from fleet.worker.outcome import EXIT_CREDENTIAL
 from fleet.worker.output import OutputRecorder
 from fleet.worker.running import RunningTask, RunningTasks
 
@@ -161,9 +162,12 @@ class TaskRunner:
         return Attempt(record, status, running, output, None, tokens_seen)
 
     def facts(self, done: Attempt) -> AttemptFacts:
-        """What the attempt left, with whether a token was rotated while it ran."""
+        """What the attempt left, with whether a token was rotated while it
+        ran — which only a credential failure asks, so only then are the
+        token files read again."""
         record = done.record
-        rotated = self.credentials.tokens.fingerprints(record.agent) != done.tokens_seen
+        rotated = (done.status.code == EXIT_CREDENTIAL
+                   and self.credentials.tokens.fingerprints(record.agent) != done.tokens_seen)
         return AttemptFacts(
             task_id=record.id, agent=record.agent, host=self.settings.host, attempt=record.attempts,
             exit_code=done.status.code, reason=done.running.reason,
