@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from fleet.egress_config import Injection, canonical_destination, check_host_name
 from fleet.errors import ConfigError
 
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
@@ -37,6 +46,7 @@ MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
 
 
 SENTINEL_DEFAULT_PORT = 26379
+PROXY_IMAGE = "fleet-proxy:latest"
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,12 @@ def check_memory(value: str) -> str:
     return value
 
 
+def check_network_name(value: str) -> str:
+    if not NETWORK_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Docker network name")
+    return value
+
+
 def check_network(value: str) -> str:
     if value in {"host", "bridge", "default"} or value.startswith("container:"):
         raise ValueError(
@@ -159,6 +175,11 @@ class AgentSpec(BaseModel):
     # A quota on /state (e.g. "2g"), enforced by the engine: its volumes must be on XFS
     # mounted with project quotas (pquota). Empty: no quota. Applies to newly made volumes.
     state_size: Annotated[str, AfterValidator(check_memory)] | None = None
+    # The destinations it reaches through fleet's egress proxy, and nothing else
+    # (host[:port], *.domain; 443 when no port is given). Empty: no network.
+    egress: list[str] = Field(default_factory=list)
+    # Tokens injected at the proxy rather than mounted: token name → where and how.
+    inject: dict[TokenName, Injection] = Field(default_factory=dict)
 
     def serves(self, host: str) -> bool:
         return not self.hosts or host in self.hosts
@@ -173,6 +194,29 @@ class AgentSpec(BaseModel):
         if any(not word for word in value):
             raise ValueError("command words must not be empty")
         return value
+
+    @field_validator("egress")
+    @classmethod
+    def _egress(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(canonical_destination(entry) for entry in value))
+
+    @model_validator(mode="after")
+    def _egress_fits(self) -> AgentSpec:
+        if self.egress and self.network != "none":
+            raise ValueError("egress and network are exclusive: an agent with egress is on its own "
+                             "network, shared only with fleet's proxy")
+        for name, injection in self.inject.items():
+            if name not in self.tokens:
+                raise ValueError(f"inject.{name}: token {name!r} is not in tokens")
+            if not any(entry.rpartition(":")[0] == injection.host
+                       or (entry.startswith("*.") and injection.host.endswith(entry.rpartition(":")[0][1:]))
+                       for entry in self.egress):
+                raise ValueError(f"inject.{name}: host {injection.host!r} is not in egress")
+        return self
+
+    @property
+    def has_egress(self) -> bool:
+        return bool(self.egress)
 
 
 def config_path() -> Path:
@@ -207,11 +251,41 @@ class FleetSettings(BaseModel):
     # How jobs get into containers: "channel" (a supervisor per container on
     # one long-lived exec session) or "exec" (one `docker exec` per task).
     forwarding: Literal["channel", "exec"] = "channel"
+    # Egress (agents with `egress`): the proxy's image, the Docker network through
+    # which it reaches upstreams, an extra CA bundle it trusts for them, names it
+    # resolves statically (as /etc/hosts does), and where its host-side files live.
+    egress_image: str = Field(PROXY_IMAGE, min_length=1)
+    egress_network: Annotated[str, AfterValidator(check_network_name)] = "bridge"
+    egress_ca_file: Path | None = None
+    egress_hosts: dict[str, str] = Field(default_factory=dict)
+    egress_dir: Path = Path("/var/lib/fleet/egress")
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @property
     def host(self) -> str:
         return self.host_id or socket.gethostname()
+
+    @field_validator("egress_hosts")
+    @classmethod
+    def _egress_hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        import ipaddress
+
+        checked = {}
+        for name, address in value.items():
+            try:
+                checked[check_host_name(name)] = str(ipaddress.ip_address(address))
+            except ValueError:
+                raise ValueError(f"{name} = {address!r}: give a host name and an IP address") from None
+        return checked
+
+    @field_validator("egress_ca_file")
+    @classmethod
+    def _egress_ca_file(cls, value: Path | None) -> Path | None:
+        if value is None or str(value) == "":
+            return None
+        if not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a file")
+        return value
 
     def agent(self, name: str) -> AgentSpec:
         from fleet.errors import UnknownAgent

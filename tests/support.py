@@ -121,7 +121,12 @@ class Fleet:
                 all=True, filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"}):
             with contextlib.suppress(docker.errors.NotFound):  # being removed already
                 container.remove(force=True)
+        for network in docker_client.networks.list(  # the agents' egress networks
+                filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"}):
+            with contextlib.suppress(docker.errors.NotFound):
+                network.remove()
         shutil.rmtree(self.settings.secrets_dir, ignore_errors=True)
+        shutil.rmtree(self.settings.egress_dir, ignore_errors=True)
 
     def client(self) -> Any:
         from fleet.client import FleetClient
@@ -185,6 +190,8 @@ def toml_value(value: Any) -> str:
         return json.dumps(str(value))  # a JSON string is a TOML basic string
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -199,7 +206,8 @@ def build_fleet(default_redis_url: str, directory: Path, agents: dict[str, dict[
 
     namespace = new_namespace()
     raw = {"redis_url": default_redis_url, "namespace": namespace,
-           "secrets_dir": str(directory / f"secrets-{namespace}"), "host_id": "testhost", **top,
+           "secrets_dir": str(directory / f"secrets-{namespace}"), "host_id": "testhost",
+           "egress_dir": str(directory / f"egress-{namespace}"), **top,
            "agents": agents}
     config = directory / f"fleet-{namespace}.toml"
     write_config(config, raw)

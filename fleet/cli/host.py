@@ -11,6 +11,7 @@ import click
 
 from fleet.cli.context import Context, pass_context
 from fleet.errors import UsageError
+from fleet.settings import PROXY_IMAGE
 
 
 @click.command()
@@ -28,20 +29,23 @@ def worker(ctx: Context, agent_names: tuple[str, ...]) -> None:
 
 @click.group()
 def image() -> None:
-    """The agent image."""
+    """fleet's images: the agent's and the egress proxy's."""
 
 
 @image.command("build")
 @click.option("--tag", default="fleet-agent:latest", show_default=True)
+@click.option("--proxy-tag", default=PROXY_IMAGE, show_default=True)
 @click.option("--force", is_flag=True, help="Rebuild even if the image is current.")
 @click.option("--base", default=None, help="Base image (default: registry base, else debootstrap).")
-def image_build(tag: str, force: bool, base: str | None) -> None:
-    """Build the agent image if it is missing or out of date."""
+def image_build(tag: str, proxy_tag: str, force: bool, base: str | None) -> None:
+    """Build the agent image and the egress proxy's if missing or out of date."""
     from fleet.container.engine import connect
-    from fleet.container.image import build_image
+    from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, build_image
 
-    build_image(connect(timeout=1800), tag, force=force, base=base,
-                report=lambda line: click.echo(f"[image] {line}"))
+    client = connect(timeout=1800)
+    for name, context in ((tag, CONTEXT_DIR), (proxy_tag, PROXY_CONTEXT_DIR)):
+        build_image(client, name, force=force, base=base, context=context,
+                    report=lambda line: click.echo(f"[image] {line}"))
 
 
 @click.command()

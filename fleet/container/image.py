@@ -1,11 +1,16 @@
-"""Building the agent image (`fleet/inside/agent_image`) without depending on a registry.
+"""Building fleet's images without depending on a registry: the agent image
+(`fleet/inside/agent_image`) and the egress proxy's (`fleet/inside/proxy_image`).
 
-Where a registry answers, the Dockerfile builds on `debian:bookworm-slim`.
+Where a registry answers, the Dockerfiles build on `debian:bookworm-slim`.
 Where none does (this project's machines), a Debian base is made once with
 `debootstrap --variant=minbase` and `docker import`, cached by tag, and the
-same Dockerfile builds on it. The image carries a hash of its build context
-as a label, so a changed Dockerfile or agent script triggers a rebuild and an
-unchanged one does not."""
+same Dockerfiles build on it. Each image carries a hash of its build context
+as a label, so a changed Dockerfile or script triggers a rebuild and an
+unchanged one does not.
+
+The proxy's Python packages are downloaded on the host (`pip download`, for
+the base's Python 3.11) into a copy of its context: inside a build here no
+package index answers over HTTPS."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +29,15 @@ import docker.errors
 from fleet.container.engine import engine_errors
 from fleet.errors import ImageError
 
-# The build context ships in the package (package data), so an installed
-# wheel builds the same image as a checkout.
-CONTEXT_DIR = Path(__file__).resolve().parent.parent / "inside" / "agent_image"
+# The build contexts ship in the package (package data), so an installed
+# wheel builds the same images as a checkout.
+INSIDE = Path(__file__).resolve().parent.parent / "inside"
+CONTEXT_DIR = INSIDE / "agent_image"
+PROXY_CONTEXT_DIR = INSIDE / "proxy_image"
+BASE_PYTHON = "3.11"  # bookworm's, which both images run on
+WHEEL_CACHE = Path.home() / ".cache" / "fleet" / "wheels"
+# Published only as a source archive, which `pip download --only-binary` cannot take: made into a wheel here.
+SOURCE_ONLY = ("pyperclip==1.9.0",)
 REGISTRY_BASE = "debian:bookworm-slim"
 BOOTSTRAP_BASE = "fleet-base:bookworm"
 DEBIAN_SUITE = "bookworm"
@@ -46,13 +58,13 @@ def context_hash(context: Path = CONTEXT_DIR) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_is_current(client: docker.DockerClient, tag: str) -> bool:
+def image_is_current(client: docker.DockerClient, tag: str, context: Path = CONTEXT_DIR) -> bool:
     try:
         image = client.images.get(tag)
     except docker.errors.ImageNotFound:
         return False
     labels = image.labels or {}
-    return labels.get(CONTEXT_LABEL) == context_hash()
+    return labels.get(CONTEXT_LABEL) == context_hash(context)
 
 
 def has_image(client: docker.DockerClient, tag: str) -> bool:
@@ -117,29 +129,59 @@ def build_image(
     force: bool = False,
     base: str | None = None,
     mirror: str = DEFAULT_MIRROR,
+    context: Path = CONTEXT_DIR,
 ) -> bool:
-    """Build the agent image unless it is current. Returns True if it built."""
-    if not force and image_is_current(client, tag):
+    """Build the image of `context` unless it is current. Returns True if it built."""
+    if not force and image_is_current(client, tag, context):
         report(f"image {tag} is up to date")
         return False
     base = (base or local_base(client) or pulled_base(client, report)
             or bootstrap_base(client, report, mirror))
     report(f"building {tag} on {base}")
-    try:
-        client.images.build(
-            path=str(CONTEXT_DIR),
-            tag=tag,
-            buildargs={"BASE": base},
-            # The exact base it was built on, so an audit can tell it is pinned.
-            labels={CONTEXT_LABEL: context_hash(), "fleet.base": base,
-                    "fleet.base-id": str(client.images.get(base).id)},
-            rm=True,
-            forcerm=True,
-        )
-    except docker.errors.BuildError as error:
-        lines = [str(chunk.get("stream", "")).strip() for chunk in error.build_log]
-        detail = next((line for line in reversed(lines) if line), str(error))
-        raise ImageError(f"building {tag} failed: {detail}") from None
-    except docker.errors.APIError as error:
-        raise ImageError(f"building {tag} failed: {error}") from None
+    with tempfile.TemporaryDirectory(prefix="fleet-context-") as scratch:
+        build_dir = Path(scratch) / "context"
+        shutil.copytree(context, build_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if (build_dir / "requirements.txt").is_file():
+            download_wheels(build_dir / "requirements.txt", build_dir / "wheels", report)
+        try:
+            client.images.build(
+                path=str(build_dir),
+                tag=tag,
+                buildargs={"BASE": base},
+                # The exact base it was built on, so an audit can tell it is pinned.
+                labels={CONTEXT_LABEL: context_hash(context), "fleet.base": base,
+                        "fleet.base-id": str(client.images.get(base).id)},
+                rm=True,
+                forcerm=True,
+            )
+        except docker.errors.BuildError as error:
+            lines = [str(chunk.get("stream", "")).strip() for chunk in error.build_log]
+            detail = next((line for line in reversed(lines) if line), str(error))
+            raise ImageError(f"building {tag} failed: {detail}") from None
+        except docker.errors.APIError as error:
+            raise ImageError(f"building {tag} failed: {error}") from None
     return True
+
+
+def download_wheels(requirements: Path, into: Path, report: Report) -> None:
+    """The wheels `requirements` needs on the base's Python, for this
+    machine's platform, from the host's package index; kept in a cache by
+    the requirements' hash, so a rebuild downloads nothing."""
+    cache = WHEEL_CACHE / hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
+    if not (cache / ".complete").is_file():
+        report(f"downloading the wheels of {requirements.parent.name} for Python {BASE_PYTHON}")
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        steps = [
+            [*pip, "wheel", "--no-deps", "-w", str(cache), *SOURCE_ONLY],
+            [*pip, "download", "--only-binary=:all:", "--python-version", BASE_PYTHON,
+             "--find-links", str(cache), "-d", str(cache), "-r", str(requirements)],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise ImageError(f"downloading the wheels of {requirements.parent.name} failed: {tail[0]}")
+        (cache / ".complete").touch()
+    shutil.copytree(cache, into)

@@ -29,6 +29,8 @@ from fleet.container.spec import (
     build_spec,
 )
 from fleet.credentials.identity import AgentIdentities
+from fleet.egress.layout import LABEL_ROLE, ROLE_PROXY, agent_environment
+from fleet.egress.proxy import EgressProxy
 from fleet.errors import EngineError
 from fleet.settings import FleetSettings
 
@@ -46,6 +48,8 @@ class ContainerManager:
         self._verified: dict[str, tuple[Container, float]] = {}
         self._specs: dict[str, ContainerSpec] = {}  # settings are frozen: an agent's spec never changes
         self._condemned: dict[str, str] = {}  # agent → the id of a container no longer trusted
+        self.egress = EgressProxy(client, settings)
+        self._proxy_address: dict[str, str] = {}  # agent → the egress proxy's address on its network
 
     @contextmanager
     def use(self, agent: str, connected: Callable[[Container], bool] | None = None) -> Iterator[Container]:
@@ -67,6 +71,7 @@ class ContainerManager:
                 if found is not None and found.id == self._condemned.get(agent):
                     reason = "no longer trusted"
                 if reason is None and found is not None:
+                    self.check_egress(agent)
                     container = found
                     self._verified[agent] = (container, time.monotonic())
                     break
@@ -85,6 +90,19 @@ class ContainerManager:
             with self._changed:
                 self._in_use[agent] -= 1
                 self._changed.notify_all()
+
+    def check_egress(self, agent: str) -> None:
+        """For an agent with egress: the proxy is up on its network (set up
+        again if not), and its address there is known."""
+        if not self.settings.agent(agent).egress:
+            return
+        address = self.egress.address(agent)
+        self._proxy_address[agent] = address or self.egress.prepare(agent)
+
+    def network_environment(self, agent: str, task_id: str, attempt: int) -> tuple[tuple[str, str], ...]:
+        """The egress variables of a task of `agent` (none without egress)."""
+        address = self._proxy_address.get(agent)
+        return agent_environment(address, task_id, attempt) if address else ()
 
     def spec(self, agent: str) -> ContainerSpec:
         """The agent's spec on this host, with its own uid (allocated on first
@@ -155,7 +173,10 @@ class ContainerManager:
                 with suppress(docker.errors.NotFound):
                     old.remove(force=True)
             self.ensure_volume(spec)
-            self.check_network(spec.network)
+            if self.settings.agent(spec.labels[LABEL_AGENT]).egress:
+                self._proxy_address[spec.labels[LABEL_AGENT]] = self.egress.prepare(spec.labels[LABEL_AGENT])
+            else:
+                self.check_network(spec.network)
             self.image_id(spec.image)
             try:
                 container = self.client.containers.create(**spec.create_kwargs())
@@ -228,9 +249,11 @@ class ContainerManager:
     def remove_orphans(self) -> list[str]:
         """Remove this host's containers of agents no longer configured (or
         no longer allowed on this host) and dead ones. State volumes are
-        kept: they hold the agents' data."""
+        kept: they hold the agents' data. The egress proxy is no agent's."""
         removed = []
         for container in self.containers():
+            if container.labels.get(LABEL_ROLE) == ROLE_PROXY:
+                continue
             agent = container.labels.get(LABEL_AGENT, "")
             # "created": another consumer of the agent is starting it right now.
             spec = self.settings.agents.get(agent)

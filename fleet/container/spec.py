@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from fleet.egress.layout import AGENT_CA, SYSTEM_BUNDLE, EgressLayout
 from fleet.settings import FleetSettings
 
 HOME = "/home/agent"
@@ -47,6 +48,7 @@ class ContainerSpec(BaseModel):
     volume: str
     state_size: str | None = None  # the engine's quota on the state volume
     token_dir: str
+    egress_ca: str | None = None  # fleet's CA certificate, for an agent that reaches out through the proxy
     user: str
     network: str
     memory_bytes: int
@@ -89,6 +91,9 @@ class ContainerSpec(BaseModel):
                 Mount(target=STATE_DIR, source=self.volume, type="volume"),
                 Mount(target=TOKEN_DIR, source=self.token_dir, type="bind", read_only=True,
                       propagation="rprivate"),
+                # The proxy re-signs every upstream with fleet's CA: the only one the agent needs to trust.
+                *(Mount(target=target, source=self.egress_ca, type="bind", read_only=True)
+                  for target in (AGENT_CA, SYSTEM_BUNDLE) if self.egress_ca),
             ],
             "detach": True,
         }
@@ -118,14 +123,16 @@ def build_spec(settings: FleetSettings, agent: str, *, uid: int) -> ContainerSpe
     spec = settings.agent(agent)
     host = settings.host
     name = resource_name(settings.namespace, agent, host)
+    egress = EgressLayout(settings)
     return ContainerSpec(
         name=name,
         image=spec.image,
         volume=f"{name}-state",
         state_size=spec.state_size,
         token_dir=str(token_dir(settings.secrets_dir.resolve(), agent)),
+        egress_ca=str(egress.ca_cert.resolve()) if spec.egress else None,
         user=f"{uid}:{uid}",
-        network=spec.network,
+        network=egress.network_name(agent) if spec.egress else spec.network,
         memory_bytes=spec.memory_bytes,
         nano_cpus=int(spec.cpus * 1e9),
         pids_limit=spec.pids_limit,

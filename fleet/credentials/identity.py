@@ -40,6 +40,13 @@ def enforced() -> bool:
     return os.geteuid() == 0
 
 
+def proxy_id(settings: FleetSettings) -> int:
+    """The egress proxy's uid and gid: the first after the agents' pool, so
+    that no agent shares its group, which reads the injected tokens.
+    Without root, the current user's (who owns every file then)."""
+    return settings.agent_uid + UID_POOL if enforced() else os.getuid()
+
+
 class AgentIdentities:
     def __init__(self, settings: FleetSettings) -> None:
         self.settings = settings

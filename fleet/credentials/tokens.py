@@ -7,11 +7,17 @@ A token is written to a temporary file in the same directory, fsynced and
 renamed over the old one. The container sees the directory through a bind
 mount (not single files: a single-file bind keeps the old inode after a
 rename), so a rotation is visible inside a running container at once, and a
-reader sees the whole old value or the whole new one, never a mix."""
+reader sees the whole old value or the whole new one, never a mix.
+
+A token the agent's config injects at the egress proxy (`inject`) lives
+elsewhere: `<secrets_dir>/.injected/<agent>/<name>`, root:<proxy's gid>,
+mounted into the proxy only. The agent's own directory holds a placeholder
+under that name, so its tools find a file, and nothing of value."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
 import tempfile
@@ -19,13 +25,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleet.credentials.identity import FILE_MODE, AgentIdentities, enforced
+from fleet.credentials.identity import DIRECTORY_MODE, FILE_MODE, AgentIdentities, enforced, proxy_id
 from fleet.errors import UsageError
 from fleet.settings import FleetSettings, check_token_name
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_LENGTH = 12
 MAX_TOKEN_BYTES = 64 * 1024
 SAFE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+INJECTED = ".injected"  # <secrets_dir>/.injected/<agent>/<name>: seen by the egress proxy only
+PLACEHOLDER = b"fleet-placeholder:injected-at-the-egress-proxy\n"
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ class TokenWatch:
     stat per token file."""
 
     def __init__(self, store: TokenStore, agent: str) -> None:
-        self.paths = {name: store.directory(agent) / name for name in store.settings.agent(agent).tokens}
+        self.paths = {name: store.path(agent, name) for name in store.settings.agent(agent).tokens}
         self.seen = {name: file_identity(path) for name, path in self.paths.items()}
 
     def rotated(self) -> list[bytes]:
@@ -115,42 +125,68 @@ class TokenStore:
             listed = ", ".join(spec.tokens) or "none"
             raise UsageError(f"agent {agent!r} does not declare token {name!r} (tokens: {listed})")
 
+    def injected(self, agent: str, name: str) -> bool:
+        return name in self.settings.agent(agent).inject
+
+    def injected_directory(self, agent: str) -> Path:
+        return self.settings.secrets_dir / INJECTED / agent
+
+    def path(self, agent: str, name: str) -> Path:
+        """Where the token's real value is: the agent's directory, or the
+        injected tree for a token the proxy adds."""
+        if self.injected(agent, name):
+            return self.injected_directory(agent) / name
+        return self.directory(agent) / name
+
     def prepare(self, agent: str) -> int:
         """The agent's directory, made and owned as it should be; returns the agent's uid."""
         return AgentIdentities(self.settings).uid(agent)
+
+    def prepare_injected(self, agent: str) -> int:
+        """`.injected/<agent>/`, made root:<proxy's gid> 0750; returns that gid."""
+        gid = proxy_id(self.settings)
+        AgentIdentities(self.settings).prepare_secrets_dir()
+        for directory in (self.settings.secrets_dir / INJECTED, self.injected_directory(agent)):
+            directory.mkdir(mode=DIRECTORY_MODE if enforced() else 0o700, exist_ok=True)
+            if enforced():
+                os.chown(directory, 0, gid, follow_symlinks=False)
+                directory.chmod(DIRECTORY_MODE)
+        return gid
 
     def set(self, agent: str, name: str, value: bytes) -> TokenInfo:
         """Write a token atomically: temp file, fsync, rename, fsync the directory."""
         self.declared(agent, name)
         if not value:
             raise UsageError("the token value is empty")
-        gid = self.prepare(agent)
-        directory = self.directory(agent)
-        fd, temp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        try:
-            if enforced():
-                os.fchown(fd, 0, gid)
-                os.fchmod(fd, FILE_MODE)
-            else:
-                os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(value)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temp, directory / name)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if self.injected(agent, name):
+            write_atomically(self.injected_directory(agent), name, value, self.prepare_injected(agent))
+            self.place_placeholders(agent)
+        else:
+            write_atomically(self.directory(agent), name, value, self.prepare(agent))
         return self.info(agent, name)
+
+    def place_placeholders(self, agent: str) -> None:
+        """For each injected token, the placeholder in the agent's own
+        directory. A real value found there (the token was mounted before
+        the config injected it, or was copied in by hand) is moved to the
+        injected tree first, unless that already holds one: nothing lost,
+        nothing of value left where the container reads."""
+        gid = self.prepare(agent)
+        for name in self.settings.agent(agent).inject:
+            visible = self.directory(agent) / name
+            value = read_regular(visible)
+            if value == PLACEHOLDER:
+                continue
+            if value and read_regular(self.injected_directory(agent) / name) is None:
+                write_atomically(self.injected_directory(agent), name, value, self.prepare_injected(agent))
+            elif value:
+                log.warning("agent %s: token %s in its directory was not the injected one; "
+                            "replaced by the placeholder", agent, name)
+            write_atomically(self.directory(agent), name, PLACEHOLDER, gid)
 
     def remove(self, agent: str, name: str) -> None:
         self.declared(agent, name)
-        path = self.directory(agent) / name
+        path = self.path(agent, name)
         if not path.is_file():
             raise UsageError(f"agent {agent!r} has no token {name!r}")
         path.unlink()
@@ -160,7 +196,7 @@ class TokenStore:
         None unless it is a regular file of at most MAX_TOKEN_BYTES: never a
         link followed (O_NOFOLLOW, checked on the open file, no race), never a
         FIFO waited on (O_NONBLOCK)."""
-        return read_regular(self.directory(agent) / name)
+        return read_regular(self.path(agent, name))
 
     def read_all(self, agent: str) -> dict[str, bytes | None]:
         """Every token the agent declares, read once: name → value (None if missing)."""
@@ -173,7 +209,7 @@ class TokenStore:
         return fingerprints_of(self.read_all(agent))
 
     def info(self, agent: str, name: str) -> TokenInfo:
-        path = self.directory(agent) / name
+        path = self.path(agent, name)
         value = self.read(agent, name) or b""
         return TokenInfo(agent, name, time.time() - path.stat().st_mtime, fingerprint(value))
 
@@ -183,6 +219,31 @@ class TokenStore:
         for name in agents:
             self.settings.agent(name)
             for token in self.settings.agents[name].tokens:
-                if (self.directory(name) / token).is_file():
+                if self.path(name, token).is_file():
                     found.append(self.info(name, token))
         return found
+
+
+def write_atomically(directory: Path, name: str, value: bytes, gid: int) -> None:
+    """`directory/name` := value, root:gid 0440 (0600 of the current user
+    without root): temp file, fsync, rename, fsync the directory."""
+    fd, temp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        if enforced():
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, FILE_MODE)
+        else:
+            os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(value)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, directory / name)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -51,11 +51,14 @@ class Job:
     payload: bytes
     command: list[str]
     user: str
+    # The egress variables of an agent that reaches out through fleet's proxy (egress.environment).
+    network_environment: tuple[tuple[str, str], ...] = ()
 
     @property
     def environment(self) -> dict[str, str]:
         """The job protocol's environment, and nothing else."""
         return {
+            **dict(self.network_environment),
             "HOME": HOME,
             "PATH": PATH,
             "FLEET_TASK_ID": self.task_id,

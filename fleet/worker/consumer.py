@@ -9,6 +9,7 @@ import os
 import threading
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from celery.exceptions import SecurityWarning
@@ -24,8 +25,12 @@ from fleet.container.engine import connect
 from fleet.container.manager import ContainerManager
 from fleet.credentials.alerts import CONTAINER_CONDEMNED, Alerts
 from fleet.credentials.breaker import Breaker
+from fleet.credentials.identity import proxy_id
 from fleet.credentials.masking import Masker
 from fleet.credentials.tokens import TokenStore
+from fleet.egress.decisions import Decision, DecisionListener
+from fleet.egress.layout import EgressLayout
+from fleet.egress.proxy import EgressProxy
 from fleet.errors import FleetError
 from fleet.forwarding.base import Forwarder
 from fleet.forwarding.channel import ChannelForwarder
@@ -41,6 +46,9 @@ from fleet.worker.runner import TaskRunner, register_consumer
 from fleet.worker.running import HANDBACK, RunningTasks
 
 log = logging.getLogger("fleet.worker")
+
+# What an egress event of a task holds (never a path, a header or a body).
+EGRESS_FIELDS = ("destination", "method", "decision", "status", "bytes_out", "bytes_in", "reason", "error")
 
 
 def serve_agent(settings: FleetSettings, agent: str) -> int:
@@ -108,6 +116,9 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         timer.daemon = True
         timer.start()
 
+    decisions = listen_for_egress(settings, agent, store, running, mask) if spec.egress else None
+    if spec.inject:
+        tokens.place_placeholders(agent)
     manager.ensure(agent)
     housekeeper.start()
     worker = app.Worker(
@@ -125,7 +136,34 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     )
     worker.start()
     housekeeper.stop()
+    if decisions is not None:
+        decisions.stop()
     return int(worker.exitcode or 0)
+
+
+def listen_for_egress(settings: FleetSettings, agent: str, store: TaskStore, running: RunningTasks,
+                      mask: Callable[[str], str]) -> DecisionListener:
+    """Record the egress proxy's decisions about this agent's traffic in the
+    events of the task they belong to (if it runs in this consumer), masked."""
+    layout = EgressLayout(settings)
+
+    def record(decision: Decision) -> None:
+        fields = {key: mask(str(decision.get(key, ""))) for key in EGRESS_FIELDS if key in decision}
+        task_id, attempt = str(decision.get("task", "")), str(decision.get("attempt", ""))
+        task = next((t for t in running.all() if t.job.task_id == task_id
+                     and str(t.job.attempt) == attempt), None)
+        if task is None:
+            log.info("egress of agent %s outside a task of this consumer: %s", agent, fields)
+            return
+        try:
+            store.events.add(task_id, "egress", epoch=task.job.attempt, **fields)
+        except FleetError as error:  # the attempt moved on, or Redis is away: enforced all the same
+            log.info("egress decision of task %s not recorded: %s", task_id, error)
+
+    EgressProxy(connect(), settings).make_directories(agent)
+    listener = DecisionListener(layout.decisions_dir(agent), proxy_id(settings), record)
+    listener.start()
+    return listener
 
 
 def redis_timeouts(settings: FleetSettings) -> dict[str, Any]:

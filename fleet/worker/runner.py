@@ -123,8 +123,9 @@ class TaskRunner:
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
                 container: Container, leased_at: float) -> Attempt:
         job = Job(task_id=record.id, agent=record.agent, attempt=record.attempts,
-                  payload=json.dumps(payload).encode(),
-                  command=list(spec.command), user=self.user)
+                  payload=json.dumps(payload).encode(), command=list(spec.command), user=self.user,
+                  network_environment=self.containers.network_environment(record.agent, record.id,
+                                                                          record.attempts))
         # A previous attempt may still run here if its consumer died: end it
         # first, so two runs of one task never overlap.
         if record.attempts > 1 and (ended := self.forwarder.kill(container, job,

@@ -13,11 +13,11 @@ MAX_LINES = 400
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: list[set[str]] = [
     {"fleet.version", "fleet.errors", "fleet.states"},
-    {"fleet.settings", "fleet.record"},
+    {"fleet.settings", "fleet.record", "fleet.egress_config"},
     {"fleet.connection"},
     {"fleet.state"},
     {"fleet.credentials"},
-    {"fleet.container", "fleet.broker"},
+    {"fleet.container", "fleet.broker", "fleet.egress"},
     {"fleet.forwarding"},
     {"fleet.worker"},
     {"fleet.client"},
