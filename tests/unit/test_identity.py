@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleet.credentials.identity import AgentIdentities
-from fleet.credentials.tokens import TokenStore
+from fleet.credentials.tokens import PLACEHOLDER, TokenStore
 from fleet.settings import AgentSpec, FleetSettings
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="identities need root (CI runs as root)")
@@ -92,3 +92,34 @@ def test_reading_a_token_never_follows_a_link_or_waits_on_a_fifo(tmp_path: Path)
     (s.secrets_dir / "dev" / "forge").unlink()
     (s.secrets_dir / "dev" / "forge").write_bytes(b"x" * (64 * 1024 + 1))
     assert store.read("dev", "forge") is None  # over the size cap
+
+
+def injecting(tmp_path: Path) -> FleetSettings:
+    return FleetSettings(secrets_dir=tmp_path / "secrets", agents={"dev": AgentSpec(
+        tokens=["forge", "other"], egress=["forge.test"], inject={"forge": {"host": "forge.test"}})})
+
+
+def test_an_injected_token_lives_where_only_the_proxy_reads_and_the_agent_sees_a_placeholder(
+        tmp_path: Path) -> None:
+    s = injecting(tmp_path)
+    store = TokenStore(s)
+    store.set("dev", "forge", b"real-value")
+    real = s.secrets_dir / ".injected" / "dev" / "forge"
+    proxy_gid = s.agent_uid + 1000
+    assert real.read_bytes() == b"real-value"
+    info = real.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, proxy_gid, 0o440)
+    assert (real.parent.stat().st_gid, stat.S_IMODE(real.parent.stat().st_mode)) == (proxy_gid, 0o750)
+    assert (s.secrets_dir / "dev" / "forge").read_bytes() == PLACEHOLDER
+    assert store.read("dev", "forge") == b"real-value"  # masking and fingerprints use the real one
+    assert store.path("dev", "other") == s.secrets_dir / "dev" / "other"  # a mounted token stays put
+    assert AgentIdentities(s).uid("dev") != proxy_gid  # the proxy's group is no agent's
+
+
+def test_a_real_value_left_in_the_agents_directory_is_moved_out_not_lost(tmp_path: Path) -> None:
+    s = injecting(tmp_path)
+    before = FleetSettings(secrets_dir=s.secrets_dir, agents={"dev": AgentSpec(tokens=["forge"])})
+    TokenStore(before).set("dev", "forge", b"was-mounted")  # the config injected it only later
+    TokenStore(s).place_placeholders("dev")
+    assert (s.secrets_dir / "dev" / "forge").read_bytes() == PLACEHOLDER
+    assert TokenStore(s).read("dev", "forge") == b"was-mounted"

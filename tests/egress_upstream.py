@@ -107,6 +107,8 @@ def run_upstream(client: docker.DockerClient, directory: Path, names: tuple[str,
         read_only=True, cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"],
         volumes={str(certs): {"bind": "/certs", "mode": "ro"}})
     try:
+        network.disconnect(upstream)
+        network.connect(upstream, aliases=list(names))  # the names resolve on its network (and only there)
         for line in upstream.logs(stream=True, follow=True):  # until it listens
             if b"ready" in line:
                 break
