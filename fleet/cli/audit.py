@@ -18,9 +18,19 @@ from typing import Any
 import docker
 import docker.errors
 
-from fleet.container.spec import HOME, LABEL_AGENT, LABEL_SPEC_HASH, STATE_DIR, TOKEN_DIR, build_spec
+from fleet.container.spec import (
+    HOME,
+    LABEL_AGENT,
+    LABEL_SPEC_HASH,
+    STATE_DIR,
+    TOKEN_DIR,
+    build_spec,
+    container_name,
+)
 from fleet.credentials.identity import DIRECTORY_MODE, FILE_MODE, AgentIdentities, enforced
 from fleet.credentials.tokens import TokenStore
+from fleet.egress.layout import LABEL_ROLE, ROLE_PROXY, EgressLayout
+from fleet.egress.proxy import INTERNAL_OPTIONS
 from fleet.settings import FleetSettings
 
 DOCKER_SOCKETS = ("docker.sock", "containerd.sock", "podman.sock")
@@ -50,15 +60,19 @@ class Expected:
     volume: str
     spec_hash: str
     token_values: tuple[bytes, ...]
+    egress_ca: str | None = None  # fleet's CA certificate, mounted for an agent with egress
 
 
 Check = Callable[[dict[str, Any], Expected], tuple[bool, str]]
 CHECKS: list[tuple[str, str, Check]] = []
+AGENT_ONLY: set[str] = set()  # checks of what only an agent's container has (the proxy has none of it)
 
 
-def check(name: str, cis: str = "") -> Callable[[Check], Check]:
+def check(name: str, cis: str = "", *, agent_only: bool = False) -> Callable[[Check], Check]:
     def register(function: Check) -> Check:
         CHECKS.append((name, cis, function))
+        if agent_only:
+            AGENT_ONLY.add(name)
         return function
     return register
 
@@ -122,7 +136,7 @@ def _memory(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     return memory > 0, f"Memory={memory}"
 
 
-@check("cpu-limit", "5.11")
+@check("cpu-limit", "5.11", agent_only=True)
 def _cpu(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     nano, quota = host(attrs).get("NanoCpus") or 0, host(attrs).get("CpuQuota") or 0
     return nano > 0 or quota > 0, f"NanoCpus={nano} CpuQuota={quota}"
@@ -153,14 +167,14 @@ def _socket(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     return not found, f"socket mounts={found}" if found else "no engine socket mounted"
 
 
-@check("only-own-token-dir-from-host", "5.5")
+@check("only-own-token-dir-from-host", "5.5", agent_only=True)
 def _host_paths(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
     binds = [m.get("Source", "") for m in mounts(attrs) if m.get("Type") == "bind"]
-    extra = [b for b in binds if b != expected.token_dir]
+    extra = [b for b in binds if b not in (expected.token_dir, expected.egress_ca)]
     return not extra, f"host paths={binds}"
 
 
-@check("token-mount-read-only", "5.5")
+@check("token-mount-read-only", "5.5", agent_only=True)
 def _token_mount(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
     found = [m for m in mounts(attrs) if m.get("Destination") == TOKEN_DIR]
     if len(found) != 1:
@@ -170,14 +184,14 @@ def _token_mount(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
     return ok, f"{mount.get('Source')} RW={mount.get('RW')}"
 
 
-@check("home-is-empty-tmpfs")
+@check("home-is-empty-tmpfs", agent_only=True)
 def _home(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     tmpfs = host(attrs).get("Tmpfs") or {}
     mounted = [m.get("Source") for m in mounts(attrs) if m.get("Destination") == HOME]
     return HOME in tmpfs and not mounted, f"Tmpfs={sorted(tmpfs)} mounts at {HOME}={mounted}"
 
 
-@check("own-state-volume")
+@check("own-state-volume", agent_only=True)
 def _state(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
     found = [m for m in mounts(attrs) if m.get("Destination") == STATE_DIR]
     names = [(m.get("Type"), m.get("Name")) for m in found]
@@ -199,7 +213,7 @@ def _ports(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     return not bindings and not publish_all, f"PortBindings={bindings} PublishAllPorts={publish_all}"
 
 
-@check("not-default-bridge", "5.29")
+@check("not-default-bridge", "5.29", agent_only=True)  # the proxy sits on egress_network, bridge by default
 def _bridge(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     mode = host(attrs).get("NetworkMode") or ""
     return mode not in ("default", "bridge"), f"NetworkMode={mode!r}"
@@ -232,7 +246,7 @@ def _init(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     return bool(host(attrs).get("Init")), f"Init={host(attrs).get('Init')}"
 
 
-@check("restart-policy-bounded", "5.14")
+@check("restart-policy-bounded", "5.14", agent_only=True)
 def _restart(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     policy = host(attrs).get("RestartPolicy") or {}
     name, retries = policy.get("Name") or "no", policy.get("MaximumRetryCount") or 0
@@ -240,17 +254,20 @@ def _restart(attrs: dict[str, Any], _: Expected) -> tuple[bool, str]:
     return ok, f"RestartPolicy={name}:{retries}"
 
 
-@check("spec-current")
+@check("spec-current", agent_only=True)
 def _spec(attrs: dict[str, Any], expected: Expected) -> tuple[bool, str]:
     label = ((attrs.get("Config") or {}).get("Labels") or {}).get(LABEL_SPEC_HASH)
     return label == expected.spec_hash, f"spec hash {label}, configured {expected.spec_hash}"
 
 
-def audit_container(attrs: dict[str, Any], expected: Expected) -> list[Finding]:
+def audit_container(attrs: dict[str, Any], expected: Expected | None) -> list[Finding]:
+    """Every check; for the egress proxy (no `expected`), those not only an agent's."""
     subject = str(attrs.get("Name", "?")).lstrip("/")
     findings = []
     for name, cis, function in CHECKS:
-        ok, detail = function(attrs, expected)
+        if expected is None and name in AGENT_ONLY:
+            continue
+        ok, detail = function(attrs, expected or Expected("", "", "", ()))
         findings.append(Finding(subject, name, ok, detail, cis))
     return findings
 
@@ -299,11 +316,44 @@ def audit_token_dirs(settings: FleetSettings) -> list[Finding]:
     return findings
 
 
+def audit_networks(settings: FleetSettings, client: docker.DockerClient) -> list[Finding]:
+    """Each agent's way out: none, or fleet's proxy on a network of its own
+    (internal, no address of the host's, shared with the proxy only). An
+    agent on a network of the user's reaches whatever that network does."""
+    layout = EgressLayout(settings)
+    findings = []
+    for agent, spec in sorted(settings.agents.items()):
+        if not spec.egress:
+            ok = spec.network == "none"
+            findings.append(Finding(agent, "network-restricted", ok, "no network" if ok else
+                                    f"unrestricted: on network {spec.network!r}, which fleet does not "
+                                    "police; give it `egress` instead"))
+            continue
+        name = layout.network_name(agent)
+        try:
+            network = client.networks.get(name)
+        except docker.errors.NotFound:
+            findings.append(Finding(agent, "egress-network", True, f"{name} not made yet (no container)"))
+            continue
+        attrs = network.attrs
+        options = attrs.get("Options") or {}
+        attached = sorted(str(c.get("Name")) for c in (attrs.get("Containers") or {}).values())
+        strangers = [c for c in attached if c not in (layout.proxy_name, container_name(settings, agent))]
+        problems = [f"{key}={options.get(key)!r}" for key, value in INTERNAL_OPTIONS.items()
+                    if options.get(key) != value]
+        problems += [] if attrs.get("Internal") else ["not internal"]
+        problems += [f"also attached: {', '.join(strangers)}"] if strangers else []
+        findings.append(Finding(agent, "egress-network", not problems,
+                                "; ".join(problems) or f"{name}: internal, no host address, "
+                                f"shared with the proxy only ({len(attached)} attached)"))
+    return findings
+
+
 def expected_for(settings: FleetSettings, agent: str) -> Expected:
     spec = build_spec(settings, agent, uid=AgentIdentities(settings).current(agent))
     tokens = TokenStore(settings)
     values = tuple(v for name in settings.agents for v in tokens.values(name))
-    return Expected(spec.token_dir, spec.volume, spec.hash, values)
+    return Expected(spec.token_dir, spec.volume, spec.hash, values, spec.egress_ca)
 
 
 def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Finding]:
@@ -312,6 +362,9 @@ def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Fin
     findings = []
     users: dict[str, list[str]] = {}
     for container in ContainerManager(client, settings).containers():
+        if container.labels.get(LABEL_ROLE) == ROLE_PROXY:
+            findings += audit_container(container.attrs, None)
+            continue
         agent = container.labels.get(LABEL_AGENT, "")
         if agent not in settings.agents:
             findings.append(Finding(str(container.name), "configured-agent", False,
@@ -324,4 +377,4 @@ def audit_host(settings: FleetSettings, client: docker.DockerClient) -> list[Fin
         findings.append(Finding("containers", "uid-per-agent", not shared,
                                 "; ".join(f"uid {u}: {', '.join(a)}" for u, a in shared.items())
                                 or f"{len(users)} agents, {len(users)} uids"))
-    return findings + audit_token_dirs(settings)
+    return findings + audit_networks(settings, client) + audit_token_dirs(settings)

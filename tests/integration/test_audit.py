@@ -40,6 +40,27 @@ def test_fleet_made_containers_pass(make_fleet: MakeFleet) -> None:
     assert any(f["cis"] == "5.31" for f in per_container)
 
 
+def test_an_egress_agent_its_network_and_the_proxy_pass(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {"egress": ["forge.test"]}})
+    fleet.start_worker()
+    client = fleet.client()
+    assert client.wait(client.submit("dev", {}), 60).state == State.SUCCEEDED
+    done = audit(fleet, "--json")
+    assert done.returncode == 0, done.stdout
+    findings = [json.loads(line) for line in done.stdout.splitlines()]
+    proxy = [f for f in findings if f["subject"] == f"{fleet.settings.namespace}-proxy.testhost"]
+    assert {f["check"] for f in proxy} >= {"not-privileged", "read-only-rootfs", "capabilities-dropped",
+                                           "non-root-user", "no-docker-socket"}
+    network = next(f for f in findings if f["check"] == "egress-network")
+    assert "internal, no host address, shared with the proxy only (2 attached)" in network["detail"]
+
+
+def test_an_agent_on_a_network_of_its_own_choosing_is_flagged_unrestricted(make_fleet: MakeFleet) -> None:
+    done = audit(make_fleet({"dev": {"network": "somenet"}}))
+    assert done.returncode == 1
+    assert "FAIL  dev  network-restricted: unrestricted: on network 'somenet'" in done.stdout
+
+
 Weaken = Callable[[dict[str, Any]], None]
 WEAK_CONTAINERS: dict[str, tuple[Weaken, str]] = {
     "privileged": (lambda kw: kw.update(privileged=True),
