@@ -1,8 +1,10 @@
 """`fleet demo`: the newcomer's tour. It brings up what is missing (a private
-redis-server if none answers, the agent image), starts consumers for boss,
-dev and reviewer, publishes a handful of tasks that show every path
+redis-server if none answers, the images), starts consumers for boss, dev,
+reviewer and scout, publishes a handful of tasks that show every path
 (success, a transient failure that succeeds on retry, a plain failure, a
-token read), shows them moving live, and cleans up what it started."""
+token read, and scout reaching a stand-in forge through fleet's egress
+proxy, which adds scout's token, and being refused elsewhere), shows them
+moving live, and cleans up what it started."""
 
 from __future__ import annotations
 
@@ -22,18 +24,22 @@ from rich.live import Live
 
 from fleet.cli.display import task_table
 from fleet.cli.private_redis import start_private_redis
+from fleet.cli.standin import StandIn, issue_certificate, start_standin
 from fleet.client import FleetClient
 from fleet.container.engine import connect
-from fleet.container.image import build_image
+from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, build_image
 from fleet.container.manager import ContainerManager
 from fleet.credentials.tokens import TokenStore
+from fleet.egress.proxy import EgressProxy
 from fleet.errors import ConfigError
 from fleet.record import State
-from fleet.settings import FleetSettings, load_settings
+from fleet.settings import PROXY_IMAGE, FleetSettings, load_settings
 
 DEMO_DIR = Path(".fleet/demo")
 NAMESPACE = "fleet-demo"
 AGENTS = ("boss", "dev", "reviewer")
+SCOUT = "scout"  # reaches the network only through fleet's egress proxy
+FORGE = "forge.demo"
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ TASKS = (
              State.SUCCEEDED, "fails transiently (exit 75), succeeds on retry"),
     DemoTask("reviewer", {"sleep": 1, "echo": "LGTM"}, State.SUCCEEDED, "reviews"),
     DemoTask("reviewer", {"exit": 1}, State.FAILED, "fails plainly (exit 1): not retried"),
+    DemoTask(SCOUT, {"check_token": "forge", "forge_url": f"https://{FORGE}/check"}, State.SUCCEEDED,
+             "reaches the forge through fleet's proxy, which adds its token"),
+    DemoTask(SCOUT, {"check_token": "forge", "forge_url": "http://elsewhere.demo/"}, State.FAILED,
+             "is refused by the proxy anywhere else (exit 1, not a credential failure)"),
 )
 
 
@@ -66,23 +76,29 @@ def redis_answers(url: str) -> bool:
     return True
 
 
-def demo_config(redis_url: str) -> Path:
+def demo_config(redis_url: str, forge: StandIn, forge_ca: Path) -> Path:
     secrets_dir = (DEMO_DIR / "secrets").resolve()
     lines = [f'redis_url = "{redis_url}"', f'namespace = "{NAMESPACE}"',
-             f'secrets_dir = "{secrets_dir}"']
-    for agent in AGENTS:
+             f'secrets_dir = "{secrets_dir}"', f'egress_dir = "{(DEMO_DIR / "egress").resolve()}"',
+             f'egress_network = "{forge.network}"', f'egress_ca_file = "{forge_ca.resolve()}"',
+             f'egress_hosts = {{"{FORGE}" = "{forge.address}"}}']
+    for agent in (*AGENTS, SCOUT):
         lines += [f"[agents.{agent}]", 'tokens = ["forge"]', "concurrency = 2",
                   "transient_backoff_s = 0.5", 'memory = "256m"', "timeout_s = 120"]
+    lines += [f'egress = ["{FORGE}"]', f"[agents.{SCOUT}.inject.forge]", f'host = "{FORGE}"',
+              'header = "Authorization"', 'value = "Bearer {token}"']
     path = DEMO_DIR / "fleet.toml"
     path.write_text("\n".join(lines) + "\n")
     return path.resolve()
 
 
-def plant_tokens(settings: FleetSettings) -> None:
-    """Give each demo agent a made-up forge token (it never leaves the file)."""
+def plant_tokens(settings: FleetSettings, scout_token: bytes) -> None:
+    """Give each demo agent a made-up forge token (it never leaves the file;
+    scout's never enters its container: the proxy adds it)."""
     store = TokenStore(settings)
     for agent in AGENTS:
         store.set(agent, "forge", secrets.token_hex(16).encode())
+    store.set(SCOUT, "forge", scout_token)
 
 
 def base_redis_url() -> str:
@@ -96,19 +112,24 @@ def run_demo(keep: bool, started: float) -> int:
     console = Console()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     engine = connect()
-    build_image(engine, "fleet-agent:latest", report=lambda line: console.print(f"[dim]{line}[/]"))
+    for tag, context in (("fleet-agent:latest", CONTEXT_DIR), (PROXY_IMAGE, PROXY_CONTEXT_DIR)):
+        build_image(engine, tag, context=context, report=lambda line: console.print(f"[dim]{line}[/]"))
+    scout_token = secrets.token_hex(16)
+    forge_ca = issue_certificate(engine, PROXY_IMAGE, DEMO_DIR / "forge-certs", (FORGE,))
+    forge = start_standin(engine, f"{NAMESPACE}-forge", (FORGE,), namespace=NAMESPACE,
+                          accept=f"Bearer {scout_token}", certificates=forge_ca.parent)
     redis_process = None
     redis_url = base_redis_url()
     if not redis_answers(redis_url):
         redis_process, redis_url = start_private_redis(DEMO_DIR / "redis")
         console.print(f"[dim]started a private redis-server at {redis_url} (data in {DEMO_DIR / 'redis'})[/]")
-    config = demo_config(redis_url)
+    config = demo_config(redis_url, forge, forge_ca)
     # The demo is its own world: its config, not the caller's FLEET_* overrides.
     for name in [n for n in os.environ if n.startswith("FLEET_")]:
         del os.environ[name]
     os.environ["FLEET_CONFIG"] = str(config)
     settings = load_settings()
-    plant_tokens(settings)
+    plant_tokens(settings, scout_token.encode())
     log_path = DEMO_DIR / "worker.log"
     console.print(f"starting consumers for {', '.join(AGENTS)} (log: {log_path})")
     with log_path.open("w") as log:
@@ -121,6 +142,8 @@ def run_demo(keep: bool, started: float) -> int:
         worker.wait(timeout=120)
         if not keep:
             ContainerManager(engine, settings.model_copy(update={"agents": {}})).remove_orphans()
+            EgressProxy(engine, settings).remove()
+            forge.remove()
         if redis_process is not None and not keep:
             redis_process.terminate()
             redis_process.wait(timeout=30)
@@ -150,4 +173,11 @@ def publish_and_watch(client: FleetClient, console: Console) -> bool:
             client.store.events.wait_any(cursors, block_ms=1000)
     records = [client.status(i) for i in ids]
     console.print(task_table(records, title="summary").table)
+    for task_id in (i for i, t in zip(ids, TASKS, strict=True) if t.agent == SCOUT):
+        for event in client.store.events.of_task(task_id):
+            if event.type == "egress":
+                f = event.fields
+                console.print(f"  {task_id[:8]}  {SCOUT} → {f.get('destination')}: {f.get('decision')}"
+                              + (f" (HTTP {f.get('status')}, {f.get('bytes_in')} bytes in)"
+                                 if f.get("decision") == "allowed" else f" — {f.get('reason')}"))
     return all(r.state == t.expect for r, t in zip(records, TASKS, strict=True))

@@ -100,10 +100,11 @@ def host_table(hosts: list[HostStatus]) -> Printable:
 
 def token_table(tokens: list[TokenInfo]) -> Printable:
     table = Table()
-    for column in ("agent", "name", "age", "fingerprint"):
+    for column in ("agent", "name", "age", "fingerprint", "reaches the agent"):
         table.add_column(column)
     for token in tokens:
-        table.add_row(token.agent, token.name, human_age(token.age_s), token.fingerprint)
+        table.add_row(token.agent, token.name, human_age(token.age_s), token.fingerprint,
+                      "no: injected at the egress proxy" if token.injected else "yes: mounted")
     return Printable(table)
 
 

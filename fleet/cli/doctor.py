@@ -14,9 +14,9 @@ from typing import Any
 import docker
 
 from fleet.container.engine import connect
-from fleet.container.image import image_is_current
+from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, image_is_current
 from fleet.errors import EngineError, StateStoreError
-from fleet.settings import FleetSettings
+from fleet.settings import PROXY_IMAGE, FleetSettings
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,10 @@ def check_images(client: docker.DockerClient | None, images: list[str]) -> list[
         except docker.errors.ImageNotFound:
             checks.append(Check("image", False, f"{tag} is missing", "run `fleet image build`"))
             continue
-        if tag == "fleet-agent:latest" and not image_is_current(client, tag):
+        context = {"fleet-agent:latest": CONTEXT_DIR, PROXY_IMAGE: PROXY_CONTEXT_DIR}.get(tag)
+        if context is not None and not image_is_current(client, tag, context):
             checks.append(Check("image", False, f"{tag} is older than its build context "
-                                "(fleet/inside/agent_image)",
-                                "run `fleet image build`"))
+                                f"(fleet/inside/{context.name})", "run `fleet image build`"))
             continue
         checks.append(Check("image", True, f"{tag} is present"))
     return checks
@@ -106,6 +106,8 @@ def loose(path: Path, forbidden: int) -> bool:
 def run_checks(settings: FleetSettings) -> list[Check]:
     engine, client = check_engine()
     images = sorted({spec.image for spec in settings.agents.values()} or {"fleet-agent:latest"})
+    if any(spec.egress for spec in settings.agents.values()):
+        images.append(settings.egress_image)
     return [
         engine,
         check_redis(settings),

@@ -95,7 +95,7 @@ def demo(keep: bool) -> None:
 
 
 # fleet.cli.bench.run.PARTS, without importing it
-BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli")
+BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress")
 
 
 @click.command()
@@ -106,7 +106,8 @@ BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def bench(tasks: int, only: tuple[str, ...], skip: tuple[str, ...], as_json: bool) -> None:
     """Measure fleet against bare Celery and docker run, on a private Redis:
-    round trips (a)-(e), cold start, 3 agents x 2 slots, 100 agents on this host."""
+    round trips (a)-(e), cold start, 3 agents x 2 slots, 100 agents on this host,
+    command line start-up, and the egress proxy against direct requests."""
     from fleet.cli.bench.run import run_bench
 
     if only and skip:

@@ -35,7 +35,7 @@ FINGERPRINT_LENGTH = 12
 MAX_TOKEN_BYTES = 64 * 1024
 SAFE_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 INJECTED = ".injected"  # <secrets_dir>/.injected/<agent>/<name>: seen by the egress proxy only
-PLACEHOLDER = b"fleet-placeholder:injected-at-the-egress-proxy\n"
+PLACEHOLDER = b"fleet-placeholder:injected-at-the-egress-proxy"
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class TokenInfo:
     name: str
     age_s: float
     fingerprint: str
+    injected: bool = False  # added at the egress proxy; the agent's file holds a placeholder
 
 
 def fingerprint(value: bytes) -> str:
@@ -211,7 +212,8 @@ class TokenStore:
     def info(self, agent: str, name: str) -> TokenInfo:
         path = self.path(agent, name)
         value = self.read(agent, name) or b""
-        return TokenInfo(agent, name, time.time() - path.stat().st_mtime, fingerprint(value))
+        return TokenInfo(agent, name, time.time() - path.stat().st_mtime, fingerprint(value),
+                         self.injected(agent, name))
 
     def list(self, agent: str | None = None) -> list[TokenInfo]:
         agents = [agent] if agent else sorted(self.settings.agents)

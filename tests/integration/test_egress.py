@@ -175,3 +175,93 @@ print(json.dumps({"first": first, "rest": response.read().decode()}))
 """
     record = run(fleet, {"script": stream})
     assert record.result == {"first": "data: one\n", "rest": "\ndata: two\n\n"}
+
+
+# Requests a hostile agent makes by hand, on raw sockets through the proxy (found in review).
+RAW = r"""
+import json, os, socket, ssl, sys
+from urllib.parse import urlsplit
+proxy = urlsplit(os.environ["HTTPS_PROXY"])
+def exchange(sock, data):
+    sock.sendall(data)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next((int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head.split(b"\r\n")[0] + b" " + body).decode(errors="replace")
+def plain(data):
+    with socket.create_connection((proxy.hostname, proxy.port), timeout=30) as s:
+        return exchange(s, data)
+def tunnelled(target, data):
+    with socket.create_connection((proxy.hostname, proxy.port), timeout=30) as s:
+        opened = exchange(s, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        if " 200 " not in opened:
+            return opened
+        context = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+        with context.wrap_socket(s, server_hostname=target.rsplit(":", 1)[0]) as t:
+            return exchange(t, data)
+found = {
+    "bad proxy auth": plain(b"CONNECT other.test:443 HTTP/1.1\r\nHost: other.test:443\r\n"
+                            b"Proxy-Authorization: Basic \xe9\r\n\r\n"),
+    "bad proxy auth, plain": plain(b"GET http://other.test/whoami HTTP/1.1\r\nHost: other.test\r\n"
+                                   b"Proxy-Authorization: Basic \xe9\r\n\r\n"),
+    "absolute form in a tunnel": tunnelled("forge.test:443", b"GET https://other.test/whoami HTTP/1.1\r\n"
+                                           b"Host: forge.test\r\n\r\n"),
+    "cleartext to the injected host": plain(b"GET http://forge.test/whoami HTTP/1.1\r\n"
+                                            b"Host: forge.test\r\n\r\n"),
+    "cleartext to its TLS port": plain(b"GET http://forge.test:443/whoami HTTP/1.1\r\n"
+                                       b"Host: forge.test:443\r\n\r\n"),
+}
+print(json.dumps(found))
+"""
+
+
+def test_hostile_requests_are_refused_and_get_no_token(make_fleet: MakeFleet, upstream: Upstream) -> None:
+    fleet = egress_fleet(make_fleet, upstream, egress=[FORGE, f"{FORGE}:80"])
+    assert fleet.cli("tokens", "set", "dev", "forge", input=GOOD).returncode == 0
+    fleet.start_worker("dev")
+    found = run(fleet, {"script": RAW}).result
+    assert found["bad proxy auth"].startswith("HTTP/1.1 403 ")
+    assert "may not reach other.test:443" in found["bad proxy auth"]
+    assert found["bad proxy auth, plain"].startswith("HTTP/1.1 403 ")
+    assert found["absolute form in a tunnel"].startswith("HTTP/1.1 403 ")
+    assert "may name only its destination" in found["absolute form in a tunnel"]
+    cleartext = found["cleartext to the injected host"]
+    assert cleartext.startswith("HTTP/1.1 200 ")
+    assert json.loads(cleartext.partition(" OK ")[2])["auth_sha256"] is None  # never injected in the clear
+    assert " 200 " not in found["cleartext to its TLS port"]  # port 443 spoken to in the clear: no answer
+
+
+def test_one_agent_cannot_take_every_connection_of_the_proxy(make_fleet: MakeFleet,
+                                                            upstream: Upstream) -> None:
+    fleet = egress_fleet(make_fleet, upstream)
+    fleet.start_worker("dev")
+    hog = """
+import json, os, socket
+from urllib.parse import urlsplit
+proxy = urlsplit(os.environ["HTTPS_PROXY"])
+held, closed = [], 0
+for _ in range(530):
+    s = socket.create_connection((proxy.hostname, proxy.port), timeout=30)
+    s.sendall(b"CONNECT forge.test:443 HTTP/1.1\\r\\nHost: forge.test:443\\r\\n\\r\\n")
+    try:
+        answer = s.recv(100)
+    except ConnectionResetError:
+        answer = b""
+    if answer.startswith(b"HTTP/1.1 200"):
+        held.append(s)
+    else:
+        closed += 1
+print(json.dumps({"held": len(held), "closed": closed}))
+"""
+    assert run(fleet, {"script": hog}).result == {"held": 512, "closed": 18}

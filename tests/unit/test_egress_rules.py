@@ -81,6 +81,8 @@ def test_the_injection_is_found_by_the_destination_and_rendered_from_the_token()
     ("Basic " + base64.b64encode(b"task123:2").decode(), ("task123", "2")),
     ("Bearer abc", ("", "")),
     ("Basic !!!", ("", "")),
+    ("Basic \xe9", ("", "")),  # not ASCII: once this failed open (an uncaught ValueError)
+    ("Basic " + base64.b64encode(b"\xff\xfe:1").decode(), ("", "")),
     ("", ("", "")),
 ])
 def test_the_task_is_read_from_the_proxy_authorization(header: str, expected: tuple[str, str]) -> None:

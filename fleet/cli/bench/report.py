@@ -109,6 +109,17 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         c = report["cli"]
         console.print(f"command line start-up (median of {c['runs']}): `fleet --help` {c['help_ms']:.0f} ms, "
                       f"`fleet status ID` {c['status_ms']:.0f} ms; `python -c pass` {c['python_ms']:.0f} ms")
+    if "egress" in report:
+        e = report["egress"]
+        table = Table(title=f"an HTTPS request of {e['body_bytes']} bytes, {e['requests']} each way")
+        for column in ("", "new connection p50 ms", "kept-alive p50 ms", "requests/s (4 connections)"):
+            table.add_column(column, justify="right" if column else "left")
+        for name, row in (("directly", e["direct"]), ("through fleet's egress proxy", e["proxy"])):
+            table.add_row(name, f"{row['fresh_p50_ms']:.1f}", f"{row['kept_p50_ms']:.1f}",
+                          f"{row['requests_per_s']:.0f}")
+        table.add_row("proxy / direct", f"{e['fresh_ratio']:.2f} x", f"{e['kept_ratio']:.2f} x",
+                      f"{e['rate_ratio']:.2f} x")
+        console.print(table)
     table = Table(title="goals")
     for column in ("goal", "now", "met"):
         table.add_column(column)

@@ -11,6 +11,8 @@
   hundred     100 agents (concurrency 1) on this host: the time until all containers run and
               each has answered one task, and the memory of the containers and of the worker
   cli         the start-up of `fleet --help` and `fleet status ID`, against `python -c pass`
+  egress      an HTTPS request through fleet's egress proxy against the same request made
+              directly (bench/egress.py)
 
 The job is trivial on purpose (`cat` echoes the payload, which becomes the
 result), so the figures are fleet's own overhead. Everything the benchmark
@@ -55,7 +57,7 @@ from fleet.cli.bench.report import goals, print_report, roundtrip_figures
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.errors import FleetError
 
-PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli")
+PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress")
 IMAGE = "fleet-agent:latest"
 HUNDRED = 100
 
@@ -290,6 +292,11 @@ def run_bench(tasks: int, parts: Sequence[str], as_json: bool) -> int:
                 report["hundred"] = bench.hundred()
             if "cli" in parts:
                 report["cli"] = bench.cli_start()
+            if "egress" in parts:
+                from fleet.cli.bench.egress import egress_overhead
+
+                bench.say(f"egress: {tasks} HTTPS requests each way, directly and through the proxy")
+                report["egress"] = egress_overhead(engine, Path(scratch), tasks)
         finally:
             redis_process.terminate()
             redis_process.wait(timeout=30)

@@ -12,7 +12,8 @@ this order:
   sleep       S         sleep S seconds
   check_token "name"    read $FLEET_TOKEN_DIR/<name>; if forge_url is given, call
                         it with "Authorization: Bearer <token>"; a missing or
-                        empty token or an HTTP 401/403 exits 77
+                        empty token or an HTTP 401/403 exits 77 (but a refusal
+                        by fleet's egress proxy exits 1: no credential is wrong)
   exit        CODE      exit with CODE ... while FLEET_ATTEMPT < fail_until_attempt
                         (if given), else succeed
   (record)              append "end ..." to /state/<name>; "killed ..." if SIGTERM ends it
@@ -53,6 +54,9 @@ def check_token(name: str, forge_url: str | None) -> str:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return f"forge answered {response.status}"
         except urllib.error.HTTPError as error:
+            if error.headers.get("X-Fleet-Egress") == "refused":  # fleet's proxy, not the forge, said no
+                print(f"egress refused: {error.read().decode(errors='replace').strip()}", file=sys.stderr)
+                sys.exit(1)
             if error.code in (401, 403):
                 credential_failure(name, f"forge rejected token {name} with HTTP {error.code}")
             raise

@@ -163,7 +163,7 @@ def task_of(proxy_authorization: str) -> tuple[str, str]:
         return "", ""
     try:
         user, _, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: not ASCII, or not UTF-8 once decoded
         return "", ""
     return user[:64], password[:16]
 
