@@ -142,7 +142,7 @@ def build_image(
         build_dir = Path(scratch) / "context"
         shutil.copytree(context, build_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if (build_dir / "requirements.txt").is_file():
-            download_wheels(build_dir / "requirements.txt", build_dir / "wheels", report)
+            download_wheels(build_dir / "requirements.txt", build_dir / "wheels", report, tag)
         try:
             client.images.build(
                 path=str(build_dir),
@@ -163,13 +163,13 @@ def build_image(
     return True
 
 
-def download_wheels(requirements: Path, into: Path, report: Report) -> None:
+def download_wheels(requirements: Path, into: Path, report: Report, tag: str) -> None:
     """The wheels `requirements` needs on the base's Python, for this
     machine's platform, from the host's package index; kept in a cache by
     the requirements' hash, so a rebuild downloads nothing."""
     cache = WHEEL_CACHE / hashlib.sha256(requirements.read_bytes()).hexdigest()[:16]
     if not (cache / ".complete").is_file():
-        report(f"downloading the wheels of {requirements.parent.name} for Python {BASE_PYTHON}")
+        report(f"downloading the Python packages of {tag} for Python {BASE_PYTHON}")
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -182,6 +182,6 @@ def download_wheels(requirements: Path, into: Path, report: Report) -> None:
             done = subprocess.run(step, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise ImageError(f"downloading the wheels of {requirements.parent.name} failed: {tail[0]}")
+                raise ImageError(f"downloading the Python packages of {tag} failed: {tail[0]}")
         (cache / ".complete").touch()
     shutil.copytree(cache, into)

@@ -205,13 +205,15 @@ def test_the_installed_wheel_builds_the_image_and_runs_a_task(
     assert worker.stop() == 0, "".join(worker.lines)
 
 
-def test_the_installed_context_hash_is_the_checkouts(host_venv: Venv) -> None:
-    """So `fleet image build` from a wheel says the checkout's image is up to date."""
-    from fleet.container.image import context_hash
+def test_the_installed_context_hashes_are_the_checkouts(host_venv: Venv) -> None:
+    """So `fleet image build` from a wheel says the checkout's images (the
+    agent's and the egress proxy's) are up to date."""
+    from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, context_hash
 
     installed = ok(host_venv.python(
-        "from fleet.container.image import context_hash; print(context_hash())")).strip()
-    assert installed == context_hash()
+        "from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, context_hash; "
+        "print(context_hash(CONTEXT_DIR), context_hash(PROXY_CONTEXT_DIR))")).split()
+    assert installed == [context_hash(CONTEXT_DIR), context_hash(PROXY_CONTEXT_DIR)]
 
 
 def test_the_publishing_install_has_neither_docker_nor_rich(publisher: PublisherVenv) -> None:
