@@ -42,7 +42,10 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
     them all (a missing image) is checked here first."""
     agents = agents_served(settings, agents)
     manager = ContainerManager(connect(), settings)
-    for image in sorted({settings.agents[agent].image for agent in agents}):
+    images = {settings.agents[agent].image for agent in agents}
+    if any(settings.agents[agent].egress for agent in agents):
+        images.add(settings.egress_image)  # the egress proxy's
+    for image in sorted(images):
         manager.image_id(image)
     for name in manager.remove_orphans():
         log.info("removed orphaned container %s", name)
