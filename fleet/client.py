@@ -16,6 +16,7 @@ from fleet.broker.routing import queue_name
 from fleet.connection import connect_redis
 from fleet.credentials.alerts import Alerts
 from fleet.credentials.breaker import Breaker
+from fleet.credentials.signing import SigningKeys
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.settings import FleetSettings, load_settings
@@ -43,6 +44,12 @@ class FleetClient:
         from fleet.broker.celery_app import make_celery
 
         return make_celery(self.settings)
+
+    @cached_property
+    def signing_keys(self) -> SigningKeys | None:
+        """The keys submissions are signed with (the first), if signing is configured."""
+        path = self.settings.signing_key_file
+        return SigningKeys.load(path) if path is not None else None
 
     @classmethod
     def from_settings(cls, **overrides: Any) -> FleetClient:
@@ -73,7 +80,8 @@ class FleetClient:
         self.check_payload(payload)
         if host is not None:
             self.check_host(agent, host)
-        task_id, created = self.store.records.create(agent, payload, key, pinned_host=host)
+        signer = self.signing_keys.sign if self.signing_keys else None
+        task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer)
         if created:
             import kombu.exceptions
 

@@ -33,6 +33,8 @@ class TaskRecord(BaseModel):
     finished_at: str | None = None
     retry_at: str | None = None  # when a `retrying` task is due to run again
     key: str | None = None
+    signed_by: str | None = None  # the id of the key that signed it (signing_key_file)
+    signature: str | None = None
     # Bumped by every state change: a write computed from an older read is refused.
     revision: int = Field(default=0, exclude=True)
 

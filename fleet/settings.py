@@ -259,6 +259,9 @@ class FleetSettings(BaseModel):
     egress_ca_file: Path | None = None
     egress_hosts: dict[str, str] = Field(default_factory=dict)
     egress_dir: Path = Path("/var/lib/fleet/egress")
+    # Signed submissions: a file of `<key id> <secret>` lines (credentials/signing.py). Set,
+    # submissions are signed with its first key and workers run only tasks one of its keys signed.
+    signing_key_file: Path | None = None
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @property

@@ -30,3 +30,4 @@ class ErrorKind(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     LOST = "lost"
+    REJECTED = "rejected"  # the worker refused to run it (unsigned, for another agent or host, too big)

@@ -37,6 +37,23 @@ def check_engine() -> tuple[Check, docker.DockerClient | None]:
     return Check("engine", True, f"Docker {version} answers"), client
 
 
+def check_signing(settings: FleetSettings) -> Check:
+    """Signed submissions: whether workers here verify them (a note, not a failure, when they do not)."""
+    from fleet.credentials.signing import SigningKeys
+    from fleet.errors import ConfigError
+
+    if settings.signing_key_file is None:
+        return Check("signing", True, "submissions are NOT verified: whoever can write to Redis can have "
+                     "any agent run a task (set signing_key_file; docs/security.md)")
+    try:
+        keys = SigningKeys.load(settings.signing_key_file)
+    except ConfigError as error:
+        return Check("signing", False, str(error), "write '<key id> <secret>' lines, mode 0600")
+    ids = ", ".join(key_id for key_id, _ in keys.keys)
+    return Check("signing", True, f"submissions are signed with key {keys.keys[0][0]!r}; "
+                 f"workers accept {ids}")
+
+
 def check_redis(settings: FleetSettings) -> Check:
     from fleet.connection import connect_redis, redis_errors
 
@@ -113,6 +130,7 @@ def run_checks(settings: FleetSettings) -> list[Check]:
         check_redis(settings),
         *check_images(client, images),
         check_secrets_dir(settings.secrets_dir),
+        check_signing(settings),
     ]
 
 

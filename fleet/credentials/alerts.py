@@ -26,6 +26,7 @@ CREDENTIAL_FAILURE = "credential_failure"
 BREAKER_OPENED = "breaker_opened"
 BREAKER_CLOSED = "breaker_closed"
 CONTAINER_CONDEMNED = "container_condemned"  # its supervisor was lost or a task outlived its deadline
+TASK_REJECTED = "task_rejected"  # a worker refused to run a task (unsigned, another agent's, ...)
 
 
 class Alerts:

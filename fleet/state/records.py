@@ -29,6 +29,9 @@ from fleet.state.scripts import load_script
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
 # Which state each state may move to; anything else is refused.
+# Signs a new task: (task id, agent, pinned host, payload, created at) → (key id, signature).
+Signer = Callable[[str, str, str | None, dict[str, Any], str], tuple[str, str]]
+
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
     State.RUNNING: frozenset({State.SUCCEEDED, State.FAILED, State.RETRYING, State.CANCELLED}),
@@ -133,9 +136,10 @@ class TaskRecords:
     # -- writing -------------------------------------------------------------
 
     def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
-               pinned_host: str | None = None) -> tuple[str, bool]:
-        """A new queued record. With an idempotency key already used, the
-        existing task's id and False (nothing is written)."""
+               pinned_host: str | None = None, signer: Signer | None = None) -> tuple[str, bool]:
+        """A new queued record (signed by `signer`, if given). With an
+        idempotency key already used, the existing task's id and False
+        (nothing is written)."""
         task_id = new_task_id()
         if key is not None:
             claimed = self._call(self.redis.set, self.keys.idempotency(key), task_id, nx=True)
@@ -143,9 +147,12 @@ class TaskRecords:
                 existing = self._call(self.redis.get, self.keys.idempotency(key))
                 if existing is not None:
                     return str(existing), False
-                return self.create(agent, payload, key, pinned_host)  # expired between the calls
-        record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=now_iso(),
-                            key=key, pinned_host=pinned_host)
+                return self.create(agent, payload, key, pinned_host, signer)  # expired between the calls
+        created_at = now_iso()
+        signed_by, signature = (signer(task_id, agent, pinned_host, payload, created_at) if signer
+                                else (None, None))
+        record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=created_at,
+                            key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature)
         now = time.time()
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),

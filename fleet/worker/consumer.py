@@ -100,7 +100,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
 
     credentials = Credentials(tokens, breaker, alerts)
     register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
-                                      credentials, control.held_back, owner, condemn, user))
+                                      credentials, control.held_back, owner, condemn, user, agent))
     housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
                               publish_again, queue_depth, settings.lost_message_after_s)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from fleet.credentials.alerts import CREDENTIAL_FAILURE
+from fleet.credentials.alerts import CREDENTIAL_FAILURE, TASK_REJECTED
 from fleet.forwarding.base import ExitStatus
 from fleet.record import ErrorKind, State, TaskError
 from fleet.settings import AgentSpec
@@ -155,6 +155,17 @@ def engine_failure(task_id: str, attempt: int, epoch: int, message: str, spec: A
     outcome = retry_or_fail(ErrorKind.CRASH, message, attempt=attempt, spec=spec, rng=rng)
     write = RecordOutcome(outcome, None, attempts=attempt, epoch=epoch, while_running=False)
     return Decision(outcome, (write, *retry_steps(outcome, attempt)))
+
+
+def rejection(task_id: str, agent: str, host: str, attempts: int, why: str) -> Decision:
+    """The worker refuses to run the task at all: failed (`rejected`), an
+    event and an alert; no attempt is counted, no command runs."""
+    message = f"rejected by {host}: {why}"
+    outcome = Outcome(State.FAILED, TaskError(kind=ErrorKind.REJECTED, message=message))
+    return Decision(outcome, (
+        RecordEvent("rejected", (("reason", why), ("host", host)), fenced=False),
+        RaiseAlert(TASK_REJECTED, f"task {task_id} for agent {agent} was {message}", (("task", task_id),)),
+        RecordOutcome(outcome, None, attempts=attempts, epoch=attempts, while_running=False)))
 
 
 def retry_steps(outcome: Outcome, attempt: int) -> tuple[Step, ...]:

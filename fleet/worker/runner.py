@@ -22,13 +22,14 @@ from fleet.broker.celery_app import TASK_NAME
 from fleet.broker.publish import Republish
 from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
+from fleet.credentials.signing import KeyFile
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
 from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.store import TaskStore
-from fleet.worker.decision import AttemptFacts, decide, engine_failure
+from fleet.worker.decision import AttemptFacts, decide, engine_failure, rejection
 from fleet.worker.effects import Credentials, Effects, until_stored
 from fleet.worker.outcome import EXIT_CREDENTIAL
 from fleet.worker.output import OutputRecorder
@@ -61,8 +62,10 @@ class TaskRunner:
     def __init__(self, settings: FleetSettings, store: TaskStore, containers: ContainerManager,
                  forwarder: Forwarder, running: RunningTasks, republish: Republish,
                  credentials: Credentials, held_back: Callable[[], str | None], owner: str,
-                 condemn: Condemn, user: str) -> None:
+                 condemn: Condemn, user: str, agent: str) -> None:
         self.settings = settings
+        self.agent = agent  # the one this consumer serves
+        self.signing_keys = KeyFile(settings.signing_key_file) if settings.signing_key_file else None
         self.store = store
         self.containers = containers
         self.forwarder = forwarder
@@ -91,6 +94,11 @@ class TaskRunner:
             return
         if (reason := self.held_back()) is not None:
             raise HeldBack(reason)
+        if (why := self.refusal(record, payload)) is not None:
+            log.warning("task %s rejected: %s", task_id, why)
+            self.effects.apply(record, rejection(record.id, record.agent, self.settings.host,
+                                                 record.attempts, why))
+            return
         spec = self.settings.agent(record.agent)
         held: Container | None = None
         try:
@@ -119,6 +127,30 @@ class TaskRunner:
         if decision.outcome is None:
             log.info("task %s attempt %d ended: %s", record.id, record.attempts, facts.reason)
         self.effects.apply(done.record, decision)
+
+    def refusal(self, record: TaskRecord, payload: Any) -> str | None:
+        """Why this consumer must not run the task at all (None: it may). It
+        runs only what it was configured for, whoever wrote the record."""
+        host = self.settings.host
+        if record.agent != self.agent:
+            return f"it is for agent {record.agent!r} and this consumer serves {self.agent!r}"
+        if not self.settings.agent(record.agent).serves(host):
+            return f"agent {record.agent!r} may not run on host {host!r}"
+        if record.pinned_host is not None and record.pinned_host != host:
+            return f"it is pinned to host {record.pinned_host!r}"
+        if not isinstance(payload, dict):
+            return "its payload is not a JSON object"
+        size = len(json.dumps(payload).encode())
+        if size > self.settings.payload_limit:
+            return f"its payload is {size} bytes, over payload_limit={self.settings.payload_limit}"
+        if self.signing_keys is None:
+            return None
+        try:
+            keys = self.signing_keys.current()
+        except FleetError as error:
+            return f"its signature cannot be checked: {error}"
+        return keys.refusal(record.id, record.agent, record.pinned_host, payload, record.created_at,
+                            record.signed_by, record.signature)
 
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
                 container: Container, leased_at: float) -> Attempt:
