@@ -308,6 +308,15 @@ class FleetSettings(BaseModel):
                              f"(its hosts: {', '.join(spec.hosts)})")
 
 
+URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)[^@\s'\"]+@")
+
+
+def redact_credentials(text: str) -> str:
+    """Every `scheme://user:password@` in `text` with the password replaced
+    by `***`: a message about a URL never shows its password."""
+    return URL_PASSWORD.sub(r"\1***@", text)
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """Pydantic's multi-line report → one line naming each bad key."""
     parts = []
@@ -321,7 +330,7 @@ def describe_validation_error(error: ValidationError) -> str:
         else:
             message = f"{item['msg']} (got {item['input']!r})"
         parts.append(f"{loc}: {message}" if loc else message)
-    return "; ".join(parts)
+    return redact_credentials("; ".join(parts))
 
 
 ENV_PREFIX = "FLEET_"
@@ -385,4 +394,4 @@ def load_settings(**overrides: Any) -> FleetSettings:
             f"invalid configuration ({path}): {describe_validation_error(error)}"
         ) from None
     except (OSError, ValueError) as error:  # unreadable file or bad TOML syntax
-        raise ConfigError(f"invalid configuration ({path}): {error}") from None
+        raise ConfigError(f"invalid configuration ({path}): {redact_credentials(str(error))}") from None

@@ -73,16 +73,9 @@ def check_redis(settings: FleetSettings) -> Check:
 
 def redis_display(url: str) -> str:
     """The URL without a password, for printing (each part of a sentinel URL)."""
-    from urllib.parse import urlsplit
+    from fleet.settings import redact_credentials
 
-    shown = []
-    for part in url.split(";"):
-        parts = urlsplit(part)
-        if parts.password:
-            netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-            part = parts._replace(netloc=netloc).geturl()
-        shown.append(part)
-    return ";".join(shown)
+    return redact_credentials(url)
 
 
 def check_images(client: docker.DockerClient | None, images: list[str]) -> list[Check]:

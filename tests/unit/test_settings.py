@@ -146,3 +146,10 @@ def test_environment_values_nest_decode_json_and_leave_other_variables_alone() -
         "fleet_namespace": "lower", "FLEET_CONFIG": "/etc/fleet.toml", "FLEET_TEST_SECRET": "not ours",
         "HOME": "/root"})
     assert values == {"agents": {"dev": {"command": ["a", "b"], "cpus": "2"}}, "namespace": "lower"}
+
+
+@pytest.mark.parametrize("url", ["http://:hunter2-secret@h:6379/0", "sentinel://u:hunter2-secret@h:x",
+                                 "sentinel://a:26379;redis://:hunter2-secret@b:6379"])
+def test_a_bad_redis_url_is_named_without_its_password(config, url: str) -> None:
+    message = load_error(config, f'redis_url = "{url}"\n')
+    assert "redis_url:" in message and "hunter2-secret" not in message and ":***@" in message
