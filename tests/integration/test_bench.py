@@ -57,6 +57,13 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
     cli = report["cli"]
     assert 0 < cli["python_ms"] < cli["help_ms"] and cli["status_ms"] > 0
 
+    egress = report["egress"]
+    for path in ("direct", "proxy"):
+        assert egress[path]["kept_p50_ms"] > 0 and egress[path]["fresh_p50_ms"] > 0
+        assert egress[path]["requests_per_s"] > 0
+    assert egress["kept_ratio"] == pytest.approx(
+        egress["proxy"]["kept_p50_ms"] / egress["direct"]["kept_p50_ms"])
+
     assert "hundred" not in report
     goals = {goal["goal"]: goal["met"] for goal in report["goals"]}
     assert len(goals) == 6 and all(isinstance(met, bool) for met in goals.values())
