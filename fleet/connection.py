@@ -12,7 +12,8 @@ import redis
 from redis.sentinel import Sentinel
 
 from fleet.errors import StateStoreError
-from fleet.settings import FleetSettings, is_sentinel_url, parse_sentinel_url
+from fleet.redis_url import is_sentinel_url, parse_sentinel_url
+from fleet.settings import FleetSettings
 
 
 def connect_redis(settings: FleetSettings, **options: Any) -> redis.Redis:
@@ -20,7 +21,7 @@ def connect_redis(settings: FleetSettings, **options: Any) -> redis.Redis:
     `sentinel://` redis_url the sentinels name the primary, and name it again
     after a failover; `options` are redis-py's (decode_responses=True by default)."""
     url = settings.redis_url
-    options = {"decode_responses": True, "health_check_interval": 30, **options}
+    options = {"decode_responses": True, "health_check_interval": 30, **settings.redis_tls, **options}
     if not is_sentinel_url(url):
         return redis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)

@@ -18,10 +18,8 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import SplitResult, unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -35,7 +33,9 @@ from pydantic import (
 
 from fleet.egress_config import Injection, canonical_destination, check_host_name
 from fleet.errors import ConfigError
+from fleet.redis_url import check_redis_url, redact_credentials
 
+PROXY_IMAGE = "fleet-proxy:latest"
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
 TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 HOST_ID = re.compile(r"[A-Za-z0-9_.-]{1,63}")
@@ -43,53 +43,6 @@ NETWORK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MEMORY_SIZE = re.compile(r"(?i)(\d+(?:\.\d+)?)\s*([kmg]?)i?b?")
 MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 MIN_MEMORY = 6 * 1024**2  # the Docker engine refuses less
-
-
-SENTINEL_DEFAULT_PORT = 26379
-PROXY_IMAGE = "fleet-proxy:latest"
-
-
-@dataclass(frozen=True)
-class SentinelURL:
-    """`sentinel://[[user]:password@]host[:port][/db][;sentinel://host2[:port]]...`,
-    Celery's form. The first part's credentials and db are the primary's."""
-
-    nodes: tuple[tuple[str, int], ...]
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-
-
-def is_sentinel_url(url: str) -> bool:
-    return url.startswith("sentinel://")
-
-
-def parse_sentinel_url(url: str) -> SentinelURL:
-    form = "use sentinel://host:port[;sentinel://host2:port]..."
-    nodes: list[tuple[str, int]] = []
-    split: list[SplitResult] = []
-    for part in url.split(";"):
-        try:
-            parts = urlsplit(part)
-            port = parts.port or SENTINEL_DEFAULT_PORT
-        except ValueError:
-            raise ValueError(f"{part!r} is not a Sentinel address ({form})") from None
-        path = parts.path.strip("/")
-        if parts.scheme != "sentinel" or not parts.hostname or parts.query or parts.fragment \
-                or (path and not path.isdigit()):
-            raise ValueError(f"{part!r} is not a Sentinel address ({form})")
-        nodes.append((parts.hostname, port))
-        split.append(parts)
-    first = split[0]
-    return SentinelURL(tuple(nodes), int(first.path.strip("/") or 0),
-                       unquote(first.username) if first.username else None,
-                       unquote(first.password) if first.password else None)
-
-
-def check_redis_url(url: str) -> str:
-    if is_sentinel_url(url):
-        parse_sentinel_url(url)
-    return url
 
 
 def check_agent_name(name: str) -> str:
@@ -233,6 +186,11 @@ class FleetSettings(BaseModel):
         "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix|sentinel)://")
     # With a sentinel:// redis_url: the name the sentinels monitor the primary under.
     redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.-]+$")
+    # With a rediss:// redis_url: the CA that signed the server's certificate (default: the
+    # system's), and a client certificate and key if the server asks for one.
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
     host_id: str = Field("", pattern=r"^[A-Za-z0-9_.-]{0,63}$")
     secrets_dir: Path = Path("/var/lib/fleet/secrets")
     namespace: str = Field("fleet", pattern=r"^[a-z][a-z0-9-]{0,30}$")
@@ -267,6 +225,30 @@ class FleetSettings(BaseModel):
     @property
     def host(self) -> str:
         return self.host_id or socket.gethostname()
+
+    @property
+    def redis_tls(self) -> dict[str, str]:
+        """redis-py's TLS options for a rediss:// redis_url (empty otherwise):
+        the server's certificate is always verified."""
+        if not self.redis_url.startswith("rediss://"):
+            return {}
+        options = {"ssl_cert_reqs": "required"}
+        files = {"ssl_ca_certs": self.redis_tls_ca_file, "ssl_certfile": self.redis_tls_cert_file,
+                 "ssl_keyfile": self.redis_tls_key_file}
+        for option, path in files.items():
+            if path is not None:
+                options[option] = str(path)
+        return options
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> FleetSettings:
+        for name in ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {str(path)!r} is not a file")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        return self
 
     @field_validator("egress_hosts")
     @classmethod
@@ -306,15 +288,6 @@ class FleetSettings(BaseModel):
         if not spec.serves(host):
             raise UsageError(f"agent {agent!r} may not run on host {host!r} "
                              f"(its hosts: {', '.join(spec.hosts)})")
-
-
-URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)[^@\s'\"]+@")
-
-
-def redact_credentials(text: str) -> str:
-    """Every `scheme://user:password@` in `text` with the password replaced
-    by `***`: a message about a URL never shows its password."""
-    return URL_PASSWORD.sub(r"\1***@", text)
 
 
 def describe_validation_error(error: ValidationError) -> str:

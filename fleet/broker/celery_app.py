@@ -5,11 +5,14 @@ this module imports Celery: only processes that publish or consume do."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from kombu import Exchange, Queue
 
 from fleet.broker.routing import queue_name
-from fleet.settings import FleetSettings, is_sentinel_url
+from fleet.redis_url import is_sentinel_url
+from fleet.settings import FleetSettings
 from fleet.state.keys import Keys
 
 TASK_NAME = "fleet.run"
@@ -54,6 +57,8 @@ def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
             **({"master_name": settings.redis_sentinel_master}
                if is_sentinel_url(settings.redis_url) else {}),
         },
+        # rediss://: the same certificates as fleet's own connection (kombu takes ssl's constants).
+        **({"broker_use_ssl": celery_tls(settings)} if settings.redis_tls else {}),
         broker_connection_retry_on_startup=True,
         # A message is acknowledged only after its task has been run and its
         # state recorded: a consumer that dies mid-task leaves it unacked, and
@@ -75,3 +80,11 @@ def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def celery_tls(settings: FleetSettings) -> dict[str, Any]:
+    """`broker_use_ssl` for a rediss:// broker: settings.redis_tls, with the
+    verification mode as the `ssl` constant kombu expects."""
+    import ssl
+
+    return {**settings.redis_tls, "ssl_cert_reqs": ssl.CERT_REQUIRED}

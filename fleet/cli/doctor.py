@@ -73,7 +73,7 @@ def check_redis(settings: FleetSettings) -> Check:
 
 def redis_display(url: str) -> str:
     """The URL without a password, for printing (each part of a sentinel URL)."""
-    from fleet.settings import redact_credentials
+    from fleet.redis_url import redact_credentials
 
     return redact_credentials(url)
 

@@ -107,7 +107,7 @@ def test_rejected_with_the_key_named(config, text: str, expected: str) -> None:
 
 
 def test_a_sentinel_url_in_celerys_form(config) -> None:
-    from fleet.settings import parse_sentinel_url
+    from fleet.redis_url import parse_sentinel_url
 
     config('redis_url = "sentinel://:s%40cret@10.0.0.1:26379/2;sentinel://sentinel-b"\n'
            'redis_sentinel_master = "fleet-primary.1"\n')
