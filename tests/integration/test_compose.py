@@ -80,7 +80,7 @@ def test_the_worker_uses_the_engine_through_the_proxy(config: dict[str, Any]) ->
     worker = config["services"]["worker"]
     env = worker["environment"]
     assert env["DOCKER_HOST"] == "tcp://docker-proxy:2375"
-    assert env["FLEET_REDIS_URL"].startswith("redis://redis:")
+    assert env["FLEET_REDIS_URL"].startswith("redis://:") and "@redis:6379/" in env["FLEET_REDIS_URL"]
     assert env["FLEET_HOST_ID"]
     assert worker["build"]["dockerfile"] == "containers/worker/Dockerfile"
     assert (ROOT / "containers/worker/Dockerfile").is_file()
@@ -94,9 +94,7 @@ def test_the_proxy_grants_what_fleet_calls_and_denies_the_rest(config: dict[str,
 
 def test_redis_keeps_an_append_only_file_on_a_volume(config: dict[str, Any]) -> None:
     redis = config["services"]["redis"]
-    command = redis["command"]
-    command = command.split() if isinstance(command, str) else command
-    assert command[command.index("--appendonly") + 1] == "yes"
+    assert "appendonly yes" in " ".join(redis["command"])
     data = [source for source, target, _ in mounts(redis) if target == "/data"]
     assert data and data[0] in config["volumes"], "/data must be a named volume"
 
@@ -126,3 +124,12 @@ def test_the_mounted_fleet_config_loads(config: dict[str, Any],
     assert settings.agents, "the sample config declares no agent"
     assert str(settings.secrets_dir) == env["FLEET_SECRETS_DIR"]
     assert settings.host == env["FLEET_HOST_ID"]
+
+
+def test_redis_asks_for_a_password_the_worker_has_and_no_argv_shows(config: dict[str, Any]) -> None:
+    redis = config["services"]["redis"]
+    script = " ".join(redis["command"])
+    assert "requirepass %s" in script and "exec redis-server /tmp/redis.conf" in script
+    password = redis["environment"]["REDIS_PASSWORD"]
+    assert password and password not in script  # the value reaches redis-server in a file, not its argv
+    assert config["services"]["worker"]["environment"]["FLEET_REDIS_URL"].startswith(f"redis://:{password}@redis:")
