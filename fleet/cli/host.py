@@ -49,6 +49,34 @@ def image_build(tag: str, proxy_tag: str, force: bool, base: str | None) -> None
 
 
 @click.command()
+@click.option("--role", "role_names", multiple=True, type=click.Choice(["worker", "submitter", "viewer"]),
+              help="Only this role (default: all three).")
+@click.option("--user", default=None, help="The user's name (default: <namespace>-<role>); with --apply.")
+@click.option("--apply", is_flag=True,
+              help="Create the user in redis_url's Redis, its password read from stdin.")
+@pass_context
+def acl(ctx: Context, role_names: tuple[str, ...], user: str | None, apply: bool) -> None:
+    """Redis ACL users for fleet's roles: printed as ACL SETUSER lines, or applied."""
+    from fleet.cli.acl import ROLES, apply_role, redis_db, roles, setuser_line
+
+    namespace = ctx.settings.namespace
+    chosen = [roles(namespace, redis_db(ctx.settings.redis_url))[name] for name in (role_names or ROLES)]
+    if not apply:
+        for role in chosen:
+            click.echo(f"# {role.name}: {role.description}")
+            click.echo(setuser_line(role, user if user and len(chosen) == 1 else f"{namespace}-{role.name}"))
+        return
+    if len(chosen) != 1:
+        raise UsageError("--apply makes one user: give one --role")
+    password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise UsageError("--apply reads the user's password from stdin, and it was empty")
+    name = user or f"{namespace}-{chosen[0].name}"
+    apply_role(ctx.client.store.redis, chosen[0], name, password)
+    click.echo(f"user {name} set: {chosen[0].name}")
+
+
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
 @click.option("--image", "image_tag", is_flag=False, flag_value="fleet-agent:latest", default=None,
               help="Also audit an image's filesystem and config (default fleet-agent:latest).")

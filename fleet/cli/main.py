@@ -26,7 +26,7 @@ def cli() -> None:
 
 for command in (tasks.submit, tasks.status, tasks.wait, tasks.tasks, tasks.logs, tasks.cancel,
                 operate.agents, operate.hosts, operate.tokens, operate.alerts,
-                host.worker, host.image, host.audit, host.doctor, host.demo, host.bench):
+                host.worker, host.image, host.audit, host.doctor, host.demo, host.bench, host.acl):
     cli.add_command(command)
 
 

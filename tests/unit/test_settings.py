@@ -153,3 +153,15 @@ def test_environment_values_nest_decode_json_and_leave_other_variables_alone() -
 def test_a_bad_redis_url_is_named_without_its_password(config, url: str) -> None:
     message = load_error(config, f'redis_url = "{url}"\n')
     assert "redis_url:" in message and "hunter2-secret" not in message and ":***@" in message
+
+
+@pytest.mark.parametrize(("url", "db"), [("redis://h:6379/3", 3), ("rediss://u:p@h/0", 0), ("redis://h", 0),
+                                         ("sentinel://a:26379/5;sentinel://b:26379", 5)])
+def test_the_acl_roles_name_celerys_channel_in_redis_urls_database(url: str, db: int) -> None:
+    from fleet.cli.acl import redis_db, roles
+
+    assert redis_db(url) == db
+    worker, submitter, viewer = (roles("ns", redis_db(url))[r] for r in ("worker", "submitter", "viewer"))
+    assert f"&ns:broker:/{db}.celery.pidbox" in worker.channels
+    assert all(key.endswith(("~ns:*", ":*")) and "ns:" in key for key in submitter.keys)
+    assert viewer.keys == ("%R~ns:*",) and "-@write" in viewer.commands

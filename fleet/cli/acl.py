@@ -1,0 +1,84 @@
+"""`fleet acl`: Redis ACL users for the three kinds of fleet client, so that
+whoever holds a role's password can do that role's job and nothing more.
+
+  worker     what a host's `fleet worker` needs: every key of the namespace,
+             its control channel and the broker's; no admin command
+  submitter  publishes tasks and follows them: writes task records, their
+             indexes, idempotency keys and the broker's queues; reads the rest;
+             cannot pause or resume agents, drain hosts or touch leases
+  viewer     reads records, events, alerts, hosts and queues; writes nothing
+
+Every role is confined to the namespace's keys (`<namespace>:*`; the broker's
+live under `<namespace>:broker:`). Redis 7's key selectors (`%R~`, `%W~`)
+carry the read/write split. The rules are printed as `ACL SETUSER` lines
+(without a password: add `>password`, or give it with --apply on stdin)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ROLES = ("worker", "submitter", "viewer")
+# What every client needs to connect and keep the connection healthy.
+CONNECTION = "+@connection"
+# Commands fleet (and kombu, and Celery) use beyond reading, for the roles that write.
+# (TIME: kombu's scripts read the server's clock.)
+WRITING = "+@read +@write +@stream +@hash +@list +@set +@sortedset +@string +@keyspace +@scripting " \
+          "+@transaction +@blocking +@pubsub +time -@dangerous -@admin"
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    description: str
+    keys: tuple[str, ...]
+    channels: tuple[str, ...]
+    commands: str
+
+
+def roles(namespace: str, db: int = 0) -> dict[str, Role]:
+    """The roles for a namespace; `db` is redis_url's database, which names
+    Celery's remote-control channel (kombu subscribes to it by pattern, and a
+    pattern subscription is allowed only for a pattern the ACL names exactly)."""
+    ns = namespace
+    return {
+        "worker": Role("worker", "a host's fleet worker", (f"~{ns}:*",),
+                       (f"&{ns}:*", f"&{ns}:broker:/{db}.celery.pidbox"), f"{CONNECTION} {WRITING}"),
+        "submitter": Role(
+            "submitter", "publishes tasks and follows them",
+            (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*", f"%W~{ns}:broker:*"),
+            (f"&{ns}:control",), f"{CONNECTION} {WRITING}"),
+        "viewer": Role("viewer", "reads, writes nothing", (f"%R~{ns}:*",), (f"&{ns}:*",),
+                       f"{CONNECTION} +@read +@blocking +subscribe +psubscribe +unsubscribe "
+                       "+punsubscribe -@write -@dangerous -@admin"),
+    }
+
+
+def setuser_args(role: Role, user: str) -> list[str]:
+    """`ACL SETUSER user ...` arguments: a fresh user (reset), on, confined to the role."""
+    return [user, "reset", "on", *role.keys, *role.channels, *role.commands.split()]
+
+
+def setuser_line(role: Role, user: str) -> str:
+    return f"ACL SETUSER {' '.join(setuser_args(role, user))}   # then: ACL SETUSER {user} >PASSWORD"
+
+
+def apply_role(client: Any, role: Role, user: str, password: str) -> None:
+    """Create or replace the user in the Redis `client` is connected to (as a
+    user allowed ACL SETUSER) with the role's rules and this password."""
+    from fleet.connection import redis_errors
+
+    with redis_errors():
+        client.execute_command("ACL", "SETUSER", *setuser_args(role, user), f">{password}")
+
+
+def redis_db(url: str) -> int:
+    """The database number of a redis_url (0 if it names none)."""
+    from urllib.parse import urlsplit
+
+    from fleet.redis_url import is_sentinel_url, parse_sentinel_url
+
+    if is_sentinel_url(url):
+        return parse_sentinel_url(url).db
+    path = urlsplit(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
