@@ -12,7 +12,7 @@ import redis
 from redis.sentinel import Sentinel
 
 from fleet.errors import StateStoreError
-from fleet.redis_url import is_sentinel_url, parse_sentinel_url
+from fleet.redis_url import is_sentinel_url, parse_sentinel_url, redact_credentials
 from fleet.settings import FleetSettings
 
 
@@ -26,7 +26,8 @@ def connect_redis(settings: FleetSettings, **options: Any) -> redis.Redis:
         return redis.Redis.from_url(url, **options)
     parsed = parse_sentinel_url(url)
     sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
-    sentinels = Sentinel(list(parsed.nodes), **sentinel_options)  # type: ignore[no-untyped-call]
+    sentinels = Sentinel(list(parsed.nodes), sentinel_kwargs={**sentinel_options, **settings.sentinel_kwargs},
+                         **sentinel_options)  # type: ignore[no-untyped-call]
     client: redis.Redis = sentinels.master_for(  # type: ignore[no-untyped-call]
         settings.redis_sentinel_master, db=parsed.db, username=parsed.username,
         password=parsed.password, **options)
@@ -39,4 +40,4 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except redis.RedisError as error:
-        raise StateStoreError(f"Redis: {error}") from None
+        raise StateStoreError(f"Redis: {redact_credentials(str(error))}") from None

@@ -57,7 +57,14 @@ def check_redis_url(url: str) -> str:
 URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s'\"]*:)[^@\s'\"]+@")
 
 
+# redis-py's reprs of a connection (in its error messages): password=..., 'password': '...'
+KEYWORD_PASSWORD = re.compile(r"(\bpassword=)(?!None\b)[^,)\s]+|('password':\s*')[^']*(')")
+
+
 def redact_credentials(text: str) -> str:
-    """Every `scheme://user:password@` in `text` with the password replaced
-    by `***`: a message about a URL never shows its password."""
-    return URL_PASSWORD.sub(r"\1***@", text)
+    """Every `scheme://user:password@` in `text`, and every password a
+    redis-py message shows of a connection, replaced by `***`: no message
+    about Redis ever shows its password."""
+    text = URL_PASSWORD.sub(r"\1***@", text)
+    return KEYWORD_PASSWORD.sub(
+        lambda m: f"{m.group(1)}***" if m.group(1) else f"{m.group(2)}***{m.group(3)}", text)

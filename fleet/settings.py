@@ -186,6 +186,9 @@ class FleetSettings(BaseModel):
         "redis://127.0.0.1:6379/0", pattern=r"^(redis|rediss|unix|sentinel)://")
     # With a sentinel:// redis_url: the name the sentinels monitor the primary under.
     redis_sentinel_master: str = Field("mymaster", pattern=r"^[A-Za-z0-9_.-]+$")
+    # The sentinels' own credentials, when they ask for them (the primary's are in redis_url).
+    redis_sentinel_username: str | None = None
+    redis_sentinel_password: str | None = None
     # With a rediss:// redis_url: the CA that signed the server's certificate (default: the
     # system's), and a client certificate and key if the server asks for one.
     redis_tls_ca_file: Path | None = None
@@ -239,6 +242,12 @@ class FleetSettings(BaseModel):
             if path is not None:
                 options[option] = str(path)
         return options
+
+    @property
+    def sentinel_kwargs(self) -> dict[str, str]:
+        """redis-py's options for the connections to the sentinels themselves."""
+        return {name: value for name, value in (("username", self.redis_sentinel_username),
+                                                ("password", self.redis_sentinel_password)) if value}
 
     @model_validator(mode="after")
     def _tls_files(self) -> FleetSettings:

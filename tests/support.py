@@ -299,16 +299,19 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
-def start_sentinel(directory: Path, primary_port: int, master: str = "mymaster") -> RedisServer:
+def start_sentinel(directory: Path, primary_port: int, master: str = "mymaster",
+                   password: str | None = None) -> RedisServer:
     """A Redis Sentinel on a free port that monitors the primary on
-    `primary_port` as `master` (quorum 1, down after 1 s); its `url` is the
-    sentinel:// form. It rewrites its config file, so that lives in `directory`."""
+    `primary_port` as `master` (quorum 1, down after 1 s), asking its clients
+    for `password` if given; its `url` is the sentinel:// form. It rewrites
+    its config file, so that lives in `directory`."""
     port = free_port()
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "sentinel.conf"
     config.write_text(f"sentinel monitor {master} 127.0.0.1 {primary_port} 1\n"
                       f"sentinel down-after-milliseconds {master} 1000\n"
-                      f"sentinel failover-timeout {master} 5000\n")
+                      f"sentinel failover-timeout {master} 5000\n"
+                      + (f"requirepass {password}\n" if password else ""))
     process = subprocess.Popen(
         ["redis-server", str(config), "--sentinel", "--port", str(port), "--bind", "127.0.0.1",
          "--dir", str(directory), "--logfile", ""],

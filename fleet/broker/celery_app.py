@@ -54,7 +54,7 @@ def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
             # Every broker key under the namespace, beside fleet's own keys.
             "global_keyprefix": Keys(settings.namespace).broker_prefix,
             # A sentinel:// URL: the primary the sentinels know by this name.
-            **({"master_name": settings.redis_sentinel_master}
+            **({"master_name": settings.redis_sentinel_master, "sentinel_kwargs": settings.sentinel_kwargs}
                if is_sentinel_url(settings.redis_url) else {}),
         },
         # rediss://: the same certificates as fleet's own connection (kombu takes ssl's constants).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import Fleet, MakeFleet, RedisServer, free_port, start_redis
+from support import Fleet, MakeFleet, RedisServer, free_port, start_redis, start_sentinel
 
 from fleet.record import State
 
@@ -101,3 +101,20 @@ def test_an_unknown_server_certificate_fails_with_one_clear_line(make_fleet: Mak
                                                                  secure_redis: SecureRedis) -> None:
     fleet = make_fleet({"dev": {}}, redis_url=secure_redis.url)  # the system's CAs do not know the test's
     assert_one_clear_line(fleet, "certificate verify failed", "CERTIFICATE_VERIFY_FAILED")
+
+
+def test_sentinels_that_ask_for_a_password(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    primary = start_redis(tmp_path / "primary")
+    sentinel = start_sentinel(tmp_path / "sentinel", primary.port, "fleet-primary", password=PASSWORD)
+    try:
+        fleet = make_fleet({"dev": {}}, redis_url=sentinel.url, redis_sentinel_master="fleet-primary",
+                           redis_sentinel_password=PASSWORD)
+        fleet.start_worker("dev")
+        done = fleet.cli("submit", "dev", "--payload", "{}", "--wait", "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        without = make_fleet({"dev": {}}, redis_url=sentinel.url, redis_sentinel_master="fleet-primary")
+        assert_one_clear_line(without, "Authentication", "NOAUTH", "No master found")
+    finally:
+        for server in (sentinel, primary):
+            server.process.terminate()
+            server.process.wait(timeout=10)

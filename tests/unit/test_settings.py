@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import redis
 
 from fleet.errors import ConfigError
 from fleet.settings import load_settings, parse_memory
@@ -165,3 +166,13 @@ def test_the_acl_roles_name_celerys_channel_in_redis_urls_database(url: str, db:
     assert f"&ns:broker:/{db}.celery.pidbox" in worker.channels
     assert all(key.endswith(("~ns:*", ":*")) and "ns:" in key for key in submitter.keys)
     assert viewer.keys == ("%R~ns:*",) and "-@write" in viewer.commands
+
+
+def test_a_redis_error_shows_no_password() -> None:
+    from fleet.connection import redis_errors
+    from fleet.errors import StateStoreError
+
+    with pytest.raises(StateStoreError) as caught, redis_errors():
+        raise redis.AuthenticationError("No master found: <Connection(username=u,password=hunter2-secret)> "
+                                        "{'password': 'hunter2-secret'} redis://:hunter2-secret@h/0")
+    assert "hunter2-secret" not in str(caught.value) and "password=***" in str(caught.value)
