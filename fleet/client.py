@@ -82,6 +82,8 @@ class FleetClient:
             self.check_host(agent, host)
         signer = self.signing_keys.sign if self.signing_keys else None
         task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer)
+        if not created and self.signing_keys is not None:
+            self.check_signed_by_us(task_id, key or "")
         if created:
             import kombu.exceptions
 
@@ -94,6 +96,18 @@ class FleetClient:
                     kind=ErrorKind.LOST, message=f"could not publish: {error}"))
                 raise StateStoreError(f"could not publish task {task_id}: {error}") from None
         return task_id
+
+    def check_signed_by_us(self, task_id: str, key: str) -> None:
+        """With signing on, the task an idempotency key already names must be
+        one this submitter's keys signed: whoever may write records could
+        otherwise put a task of their own (and its "result") under the key."""
+        assert self.signing_keys is not None
+        existing, payload = self.store.records.get_with_payload(task_id)
+        refused = self.signing_keys.refusal(existing.id, existing.agent, existing.pinned_host, payload,
+                                            existing.created_at, existing.signed_by, existing.signature)
+        if refused is not None:
+            raise UsageError(f"idempotency key {key!r} names task {task_id}, which this submitter did not "
+                             f"sign: {refused}")
 
     def status(self, task_id: str) -> TaskRecord:
         return self.store.records.get(task_id)

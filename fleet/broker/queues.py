@@ -7,6 +7,7 @@ the housekeeper read these without it."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 
@@ -31,6 +32,15 @@ def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> se
             pipe.lrange(keys.queue(queue), 0, -1)
         pipe.hvals(keys.unacked)
         *waiting, delivered = pipe.execute()
-    messages = [json.loads(raw) for batch in waiting for raw in batch]
-    messages += [json.loads(raw)[0] for raw in delivered]  # [message, exchange, routing key]
-    return {str(m.get("headers", {}).get("id")) for m in messages}
+    messages = [decoded(raw) for batch in waiting for raw in batch]
+    messages += [entry[0] if isinstance(entry := decoded(raw), list) and entry else None
+                 for raw in delivered]  # [message, exchange, routing key]
+    return {str(m.get("headers", {}).get("id")) for m in messages if isinstance(m, dict)}
+
+
+def decoded(raw: str) -> Any:
+    """A message as JSON; None for anything else (nothing fleet wrote: skipped, not fatal)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None

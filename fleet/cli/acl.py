@@ -5,7 +5,8 @@ whoever holds a role's password can do that role's job and nothing more.
              its control channel and the broker's; no admin command
   submitter  publishes tasks and follows them: writes task records, their
              indexes, idempotency keys and the broker's queues; reads the rest;
-             cannot pause or resume agents, drain hosts or touch leases
+             cannot pause or resume agents, drain hosts, touch leases or the
+             marks of finished tasks (so neither cancel: an operator's job)
   viewer     reads records, events, alerts, hosts and queues; writes nothing
 
 Every role is confined to the namespace's keys (`<namespace>:*`; the broker's
@@ -23,8 +24,10 @@ ROLES = ("worker", "submitter", "viewer")
 CONNECTION = "+@connection"
 # Commands fleet (and kombu, and Celery) use beyond reading, for the roles that write.
 # (TIME: kombu's scripts read the server's clock.)
+# (FUNCTION and SCRIPT FLUSH/KILL reach beyond the namespace: every client's scripts and functions.)
 WRITING = "+@read +@write +@stream +@hash +@list +@set +@sortedset +@string +@keyspace +@scripting " \
-          "+@transaction +@blocking +@pubsub +time -@dangerous -@admin"
+          "+@transaction +@blocking +@pubsub +time -@dangerous -@admin -function -fcall -fcall_ro " \
+          "-script|flush -script|kill"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ def roles(namespace: str, db: int = 0) -> dict[str, Role]:
                        (f"&{ns}:*", f"&{ns}:broker:/{db}.celery.pidbox"), f"{CONNECTION} {WRITING}"),
         "submitter": Role(
             "submitter", "publishes tasks and follows them",
-            (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*", f"%W~{ns}:broker:*"),
+            # The broker's queues and bindings only: not kombu's `unacked`, which workers restore from.
+            (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*",
+             f"%W~{ns}:broker:{ns}.agent.*", f"%W~{ns}:broker:_kombu.*"),
             (f"&{ns}:control",), f"{CONNECTION} {WRITING}"),
         "viewer": Role("viewer", "reads, writes nothing", (f"%R~{ns}:*",), (f"&{ns}:*",),
                        f"{CONNECTION} +@read +@blocking +subscribe +psubscribe +unsubscribe "

@@ -14,6 +14,7 @@ of them can be changed, nor a signature moved to another task."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -50,10 +51,15 @@ class SigningKeys:
     @classmethod
     def load(cls, path: Path) -> SigningKeys:
         try:
-            info = os.stat(path)
-            text = path.read_text()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
-            raise ConfigError(f"signing_key_file {str(path)!r}: {error.strerror}") from None
+            why = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            raise ConfigError(f"signing_key_file {str(path)!r}: {why}") from None
+        with os.fdopen(fd) as f:
+            info = os.fstat(f.fileno())
+            text = f.read(64 * 1024) if stat.S_ISREG(info.st_mode) else ""
+        if not stat.S_ISREG(info.st_mode) or info.st_uid not in (0, os.geteuid()):
+            raise ConfigError(f"signing_key_file {str(path)!r} must be a file of root's or of this user's")
         if stat.S_IMODE(info.st_mode) & 0o077:
             raise ConfigError(f"signing_key_file {str(path)!r} is readable by others "
                               f"({oct(stat.S_IMODE(info.st_mode))}): chmod 600 it")

@@ -42,6 +42,12 @@ class Keys:
     def by_state(self, state: str) -> str:
         return f"{self.namespace}:index:state:{state}"
 
+    def finished(self, task_id: str) -> str:
+        """Set by a worker when the task reaches a final state, for as long as
+        its record is kept: no role but the worker's writes it, so a finished
+        task whose record was put back in the queue is known (replay)."""
+        return f"{self.namespace}:finished:{task_id}"
+
     def lease(self, task_id: str) -> str:
         return f"{self.namespace}:lease:{task_id}"
 

@@ -135,6 +135,10 @@ class TaskRecords:
 
     # -- writing -------------------------------------------------------------
 
+    def finished_before(self, task_id: str) -> bool:
+        """Whether the task reached a final state once, whatever its record says now."""
+        return bool(self._call(self.redis.exists, self.keys.finished(task_id)))
+
     def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
                pinned_host: str | None = None, signer: Signer | None = None) -> tuple[str, bool]:
         """A new queued record (signed by `signer`, if given). With an
@@ -242,6 +246,7 @@ class TaskRecords:
     def _expire_finished(self, pipe: Pipeline, record: TaskRecord, now: float) -> None:
         for key in (self.keys.task(record.id), self.keys.events(record.id)):
             pipe.expire(key, self.retention_s)
+        pipe.set(self.keys.finished(record.id), record.state, ex=self.retention_s)
         if record.key is not None:
             pipe.expire(self.keys.idempotency(record.key), self.retention_s)
         for state in FINAL_STATES:

@@ -77,6 +77,7 @@ class RecordOutcome:
     attempts: int
     epoch: int
     while_running: bool = True
+    require: State | None = None  # when not while_running: only from this state (None: any)
 
 
 @dataclass(frozen=True)
@@ -157,15 +158,16 @@ def engine_failure(task_id: str, attempt: int, epoch: int, message: str, spec: A
     return Decision(outcome, (write, *retry_steps(outcome, attempt)))
 
 
-def rejection(task_id: str, agent: str, host: str, attempts: int, why: str) -> Decision:
+def rejection(task_id: str, agent: str, host: str, attempts: int, why: str, state: State) -> Decision:
     """The worker refuses to run the task at all: failed (`rejected`), an
-    event and an alert; no attempt is counted, no command runs."""
+    event and an alert; no attempt is counted, no command runs. Only from
+    the `state` it was read in: a misrouted message ends no other run."""
     message = f"rejected by {host}: {why}"
     outcome = Outcome(State.FAILED, TaskError(kind=ErrorKind.REJECTED, message=message))
     return Decision(outcome, (
         RecordEvent("rejected", (("reason", why), ("host", host)), fenced=False),
         RaiseAlert(TASK_REJECTED, f"task {task_id} for agent {agent} was {message}", (("task", task_id),)),
-        RecordOutcome(outcome, None, attempts=attempts, epoch=attempts, while_running=False)))
+        RecordOutcome(outcome, None, attempts=attempts, epoch=attempts, while_running=False, require=state)))
 
 
 def retry_steps(outcome: Outcome, attempt: int) -> tuple[Step, ...]:

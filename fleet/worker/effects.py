@@ -123,4 +123,4 @@ class Effects:
         self.store.records.transition(
             record.id, outcome.state, epoch=step.epoch,
             current=record if step.while_running else None,
-            require=State.RUNNING if step.while_running else None, **fields)
+            require=State.RUNNING if step.while_running else step.require, **fields)

@@ -138,9 +138,24 @@ class Housekeeper:
         if message is None:
             log.warning("ignoring a control message fleet does not send: %.80r", data)
         elif message.notice == Notice.CANCEL:
-            self.running.end(message.subject, CANCELLED)
+            self.cancel(message.subject)
         elif message.subject in (self.agent, self.control.host):
             self.report(self.control.held_back())
+
+    def cancel(self, task_id: str) -> None:
+        """End a run on a cancel notice only if the record says cancelled: a
+        notice is a hint, anyone who may publish on the channel can send one."""
+        if not any(task.job.task_id == task_id for task in self.running.all()):
+            return
+        try:
+            cancelled = self.store.records.get(task_id).state == State.CANCELLED
+        except FleetError as error:
+            log.warning("cancel notice for task %s not checked (%s): not acted on", task_id, error)
+            return
+        if cancelled:
+            self.running.end(task_id, CANCELLED)
+        else:
+            log.warning("ignoring a cancel notice for task %s: its record is not cancelled", task_id)
 
     def tick(self) -> None:
         held = self.control.held_back()

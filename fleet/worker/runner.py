@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from fleet.worker.output import OutputRecorder
 from fleet.worker.running import RunningTask, RunningTasks
 
 log = logging.getLogger(__name__)
+
+TASK_ID = re.compile(r"[0-9a-f]{32}")  # records.new_task_id
 
 class HeldBack(FleetError):
     """The agent is paused or the host drained: the message goes back to the queue."""
@@ -84,6 +87,9 @@ class TaskRunner:
             self.handle(task_id, attempt)
 
     def handle(self, task_id: str, attempt: int | None) -> None:
+        if not TASK_ID.fullmatch(str(task_id)):  # fleet's ids only: no other key is ever read for one
+            log.warning("dropping a message that names no fleet task: %.80r", task_id)
+            return
         try:
             record, payload = self.store.records.get_with_payload(task_id)
         except TaskNotFound:
@@ -95,9 +101,12 @@ class TaskRunner:
         if (reason := self.held_back()) is not None:
             raise HeldBack(reason)
         if (why := self.refusal(record, payload)) is not None:
+            if record.state not in (State.QUEUED, State.RETRYING):  # another consumer's run: not ours to end
+                log.warning("dropping a message for task %s (%s): %s", task_id, record.state, why)
+                return
             log.warning("task %s rejected: %s", task_id, why)
             self.effects.apply(record, rejection(record.id, record.agent, self.settings.host,
-                                                 record.attempts, why))
+                                                 record.attempts, why, record.state))
             return
         spec = self.settings.agent(record.agent)
         held: Container | None = None
@@ -149,8 +158,13 @@ class TaskRunner:
             keys = self.signing_keys.current()
         except FleetError as error:
             return f"its signature cannot be checked: {error}"
-        return keys.refusal(record.id, record.agent, record.pinned_host, payload, record.created_at,
-                            record.signed_by, record.signature)
+        refused = keys.refusal(record.id, record.agent, record.pinned_host, payload, record.created_at,
+                               record.signed_by, record.signature)
+        if refused is None and self.store.records.finished_before(record.id):
+            return "it ran to its end already: its record was put back afterwards (a replay)"
+        if refused is None and signed_too_long_ago(record.created_at, self.settings.retention_s):
+            return f"it was signed more than retention_s={self.settings.retention_s} s ago"
+        return refused
 
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
                 container: Container, leased_at: float) -> Attempt:
@@ -218,6 +232,17 @@ class TaskRunner:
         log.warning("task %s attempt %d crashed: %s", task_id, attempt, error)
         self.effects.apply(record, engine_failure(task_id, attempt, record.attempts, str(error),
                                                   spec, self.rng))
+
+
+def signed_too_long_ago(created_at: str, retention_s: int) -> bool:
+    """Older than a finished task's marker is kept: a replay could no longer be told."""
+    from datetime import UTC, datetime
+
+    try:
+        created = datetime.fromisoformat(created_at)
+    except ValueError:
+        return True
+    return (datetime.now(UTC) - created).total_seconds() > retention_s
 
 
 def register_consumer(app: Celery, runner: TaskRunner) -> None:

@@ -64,6 +64,13 @@ def test_each_role_does_its_job_and_no_more(make_fleet: MakeFleet, acl_redis: Re
     refused(as_role(fleet, acl_redis, "submitter", "agents", "resume", "dev"))
     refused(as_role(fleet, acl_redis, "submitter", "hosts", "drain", "testhost"))
     refused(as_role(fleet, acl_redis, "viewer", "submit", "dev", "--payload", "{}"))
+    queued = as_role(fleet, acl_redis, "submitter", "submit", "dev", "--payload",
+                     '{"sleep": 30}').stdout.strip()
+    refused(as_role(fleet, acl_redis, "submitter", "cancel", queued))  # an operator's job
+    assert fleet.cli("cancel", queued).returncode == 0
+    submitter = redis.Redis.from_url(url(acl_redis, f"{namespace}-submitter", PASSWORDS["submitter"]))
+    with pytest.raises(redis.exceptions.NoPermissionError):  # kombu's unacked: what workers restore from
+        submitter.hset(f"{namespace}:broker:unacked", "tag", "garbage")
     # The same commands work for a user without the role's limits: it is the role that refuses them.
     assert fleet.cli("agents", "resume", "dev").returncode == 0
     assert fleet.cli("hosts", "undrain", "testhost").returncode == 0
@@ -72,6 +79,6 @@ def test_each_role_does_its_job_and_no_more(make_fleet: MakeFleet, acl_redis: Re
     for role, password in PASSWORDS.items():
         client = redis.Redis.from_url(url(acl_redis, f"{namespace}-{role}", password))
         for command in (("ACL", "LIST"), ("CONFIG", "GET", "*"), ("FLUSHALL",), ("KEYS", "*"),
-                        ("SET", "not-fleets:key", "x")):
+                        ("SET", "not-fleets:key", "x"), ("FUNCTION", "FLUSH"), ("SCRIPT", "FLUSH")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 client.execute_command(*command)

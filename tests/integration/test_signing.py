@@ -114,3 +114,39 @@ def test_a_consumer_runs_only_its_own_agents_tasks_for_its_host_within_the_limit
     for name in ("for-boss", "pinned", "too-big"):
         assert not marked(fleet, docker_client, name), name
     assert marked(fleet, docker_client, "fine") and marked(fleet, docker_client, "unsigned")
+
+
+def test_a_finished_signed_task_put_back_in_the_queue_is_not_run_again(
+        make_fleet: MakeFleet, tmp_path: Path, docker_client: docker.DockerClient) -> None:
+    """Found in review: the record's state is not signed, and whoever writes
+    records could reset a finished task and have it run again, as often as
+    they liked. A worker marks a finished task where no submitter writes."""
+    fleet = make_fleet({"dev": {}}, signing_key_file=str(key_file(tmp_path / "keys", ALICE)))
+    worker = fleet.start_worker("dev")
+    client = fleet.client()
+    task_id = client.submit("dev", {"shell": "echo ran >> /state/replayed"})
+    wait_for_state(client, task_id, State.SUCCEEDED)
+    key = client.store.keys.task(task_id)
+    client.store.redis.hset(key, mapping={"state": json.dumps("queued"), "attempts": "0"})
+    publish(client.app, client.settings, task_id, "dev")
+    rejected_record = wait_for_state(client, task_id, State.FAILED, timeout=60)
+    assert rejected_record.error is not None and "ran to its end already" in rejected_record.error.message
+    container = docker_client.containers.get(container_name(fleet.settings, "dev"))
+    assert container.exec_run(["cat", "/state/replayed"]).output == b"ran\n"
+
+    # A message that names no fleet task is dropped once, not put back forever.
+    publish(client.app, client.settings, f"{task_id}:events", "dev")
+    assert wait_for_state(client, client.submit("dev", {}), State.SUCCEEDED)
+    assert sum("names no fleet task" in line for line in worker.lines) == 1
+
+
+def test_an_idempotency_key_someone_else_filled_is_refused(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    fleet = make_fleet({"dev": {}}, signing_key_file=str(key_file(tmp_path / "keys", ALICE)))
+    client = fleet.client()
+    forged = forge(client, "dev", {"echo": "not yours"})  # unsigned, queued, under no key yet
+    client.store.redis.set(client.store.keys.idempotency("deploy-42"), forged)
+    done = fleet.cli("submit", "dev", "--key", "deploy-42", "--payload", "{}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"fleet: idempotency key 'deploy-42' names task {forged}, which this submitter did not sign: "
+        "it is not signed, and this worker runs only signed tasks"]

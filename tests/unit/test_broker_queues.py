@@ -5,6 +5,7 @@ it through its `connection_class`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,3 +100,11 @@ def test_published_task_ids_reads_queued_and_delivered_messages(
         assert published_task_ids(redis, KEYS, [BOSS]) == {"t1", "t4"}  # unacked: of any queue
         delivered.ack()
         assert published_task_ids(redis, KEYS, [DEV]) == {"t2"}
+
+
+def test_what_fleet_did_not_write_in_the_queues_is_skipped_not_fatal(redis: fakeredis.FakeRedis) -> None:
+    """Found in review: one malformed entry in kombu's unacked hash crashed the housekeeper."""
+    keys = Keys("fleet")
+    redis.hset(keys.unacked, mapping={"garbage": "garbage", "short": "[]"})
+    redis.rpush(keys.queue("fleet.agent.dev"), "not json", json.dumps({"headers": {"id": "t1"}}))
+    assert published_task_ids(redis, keys, ["fleet.agent.dev"]) == {"t1"}

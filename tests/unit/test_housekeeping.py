@@ -135,11 +135,13 @@ def test_reap_publishes_a_long_overdue_retry_again(
     assert len(republished.calls) == 1
 
 
-def test_a_cancel_notice_ends_that_running_task(
+def test_a_cancel_notice_ends_that_running_task_if_its_record_is_cancelled(
         keeper: Housekeeper, store: TaskStore, running: RunningTasks, forwarder: FakeForwarder) -> None:
     cancelled = runs_here(running, claimed(store))
     other = runs_here(running, claimed(store))
     keeper.notice("cancel nope")  # not running here: nothing to do
+    keeper.notice(f"cancel {other.job.task_id}")  # a forged notice: the record is not cancelled
+    store.records.transition(cancelled.job.task_id, State.CANCELLED)  # as the client does, then announces
     keeper.notice(f"cancel {cancelled.job.task_id}")
     assert cancelled.reason == CANCELLED
     assert forwarder.killed(cancelled.job.task_id).wait(WAIT_S)

@@ -164,7 +164,8 @@ def test_the_acl_roles_name_celerys_channel_in_redis_urls_database(url: str, db:
     assert redis_db(url) == db
     worker, submitter, viewer = (roles("ns", redis_db(url))[r] for r in ("worker", "submitter", "viewer"))
     assert f"&ns:broker:/{db}.celery.pidbox" in worker.channels
-    assert all(key.endswith(("~ns:*", ":*")) and "ns:" in key for key in submitter.keys)
+    assert all(key.startswith(("%R~ns:", "%W~ns:")) for key in submitter.keys)
+    assert not [key for key in submitter.keys if key.startswith("%W~ns:broker:") and "unacked" in key]
     assert viewer.keys == ("%R~ns:*",) and "-@write" in viewer.commands
 
 

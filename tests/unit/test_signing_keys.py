@@ -95,7 +95,7 @@ def test_a_workers_keys_are_read_again_when_the_file_changes(tmp_path: Path) -> 
 
 
 def test_a_rejection_fails_the_task_without_an_attempt_and_says_so() -> None:
-    decision = rejection("t1", "dev", "host-a", 0, "it is not signed")
+    decision = rejection("t1", "dev", "host-a", 0, "it is not signed", State.QUEUED)
     assert decision.outcome is not None and decision.outcome.state == State.FAILED
     assert decision.outcome.error is not None and decision.outcome.error.kind == ErrorKind.REJECTED
     assert decision.outcome.error.message == "rejected by host-a: it is not signed"
@@ -104,7 +104,8 @@ def test_a_rejection_fails_the_task_without_an_attempt_and_says_so() -> None:
     alert = decision.steps[1]
     assert isinstance(alert, RaiseAlert) and alert.kind == TASK_REJECTED
     write = decision.steps[2]
-    assert isinstance(write, RecordOutcome) and (write.attempts, write.while_running) == (0, False)
+    assert isinstance(write, RecordOutcome)
+    assert (write.attempts, write.while_running, write.require) == (0, False, State.QUEUED)
 
 
 def test_the_doctor_says_whether_submissions_are_verified(tmp_path: Path) -> None:
@@ -118,3 +119,14 @@ def test_the_doctor_says_whether_submissions_are_verified(tmp_path: Path) -> Non
     assert signed.ok and "signed with key 'alice'" in signed.detail
     loose = check_signing(FleetSettings(signing_key_file=key_file(tmp_path, "x" * 20, 0o644)))
     assert not loose.ok and "readable by others" in loose.detail
+
+
+def test_a_key_file_must_be_a_file_of_its_own_not_a_link(tmp_path: Path) -> None:
+    real = key_file(tmp_path, "alice alice-secret-0123456789\n")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match="a symbolic link"):
+        SigningKeys.load(link)
+    os.chown(real, 65534, 65534)  # another user's (nobody): not a key this worker takes
+    with pytest.raises(ConfigError, match="must be a file of root's or of this user's"):
+        SigningKeys.load(real)
