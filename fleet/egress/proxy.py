@@ -276,12 +276,42 @@ class EgressProxy:
             raise EngineError(
                 f"image {self.settings.egress_image} is missing: run `fleet image build`") from None
 
+    def agent_networks(self) -> list[Network]:
+        return list(self.client.networks.list(filters={"label": [
+            f"{LABEL_NAMESPACE}={self.settings.namespace}", f"{LABEL_HOST}={self.settings.host}",
+            f"{LABEL_ROLE}={ROLE_NETWORK}"]}))
+
     def remove(self) -> None:
         """The proxy and this host's agent networks (the demo and tests clean up with it)."""
         with suppress(docker.errors.NotFound):
             self.client.containers.get(self.layout.proxy_name).remove(force=True)
-        for network in self.client.networks.list(filters={"label": [
-                f"{LABEL_NAMESPACE}={self.settings.namespace}", f"{LABEL_HOST}={self.settings.host}",
-                f"{LABEL_ROLE}={ROLE_NETWORK}"]}):
+        for network in self.agent_networks():
             with suppress(docker.errors.APIError):
                 network.remove()
+
+    def remove_orphans(self) -> list[str]:
+        """The networks (and policies) of agents that no longer have egress on
+        this host, and the proxy once none has: what `fleet worker` clears at
+        start, after the orphaned containers. A network something else is
+        still attached to is left alone."""
+        wanted = {self.layout.network_name(agent) for agent, spec in self.settings.agents.items()
+                  if spec.egress and spec.serves(self.settings.host)}
+        removed = []
+        with engine_errors("removing unused egress networks"):
+            for network in self.agent_networks():
+                if network.name in wanted:
+                    continue
+                network.reload()
+                for attached in network.containers:
+                    if attached.name == self.layout.proxy_name:
+                        network.disconnect(attached, force=True)
+                with suppress(docker.errors.APIError):  # another container is on it still
+                    network.remove()
+                    removed.append(str(network.name))
+                    agent = (network.attrs.get("Labels") or {}).get(LABEL_AGENT, "")
+                    (self.layout.policy_dir / f"{agent}.json").unlink(missing_ok=True)
+            if not wanted:
+                with suppress(docker.errors.NotFound):
+                    self.client.containers.get(self.layout.proxy_name).remove(force=True)
+                    removed.append(self.layout.proxy_name)
+        return removed

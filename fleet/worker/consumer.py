@@ -116,7 +116,8 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         timer.daemon = True
         timer.start()
 
-    decisions = listen_for_egress(settings, agent, store, running, mask) if spec.egress else None
+    decisions = (listen_for_egress(settings, agent, store, running, mask, manager.egress)
+                 if spec.egress else None)
     if spec.inject:
         tokens.place_placeholders(agent)
     manager.ensure(agent)
@@ -142,7 +143,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
 
 
 def listen_for_egress(settings: FleetSettings, agent: str, store: TaskStore, running: RunningTasks,
-                      mask: Callable[[str], str]) -> DecisionListener:
+                      mask: Callable[[str], str], egress: EgressProxy) -> DecisionListener:
     """Record the egress proxy's decisions about this agent's traffic in the
     events of the task they belong to (if it runs in this consumer), masked."""
     layout = EgressLayout(settings)
@@ -160,7 +161,7 @@ def listen_for_egress(settings: FleetSettings, agent: str, store: TaskStore, run
         except FleetError as error:  # the attempt moved on, or Redis is away: enforced all the same
             log.info("egress decision of task %s not recorded: %s", task_id, error)
 
-    EgressProxy(connect(), settings).make_directories(agent)
+    egress.make_directories(agent)
     listener = DecisionListener(layout.decisions_dir(agent), proxy_id(settings), record)
     listener.start()
     return listener

@@ -49,6 +49,8 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
         manager.image_id(image)
     for name in manager.remove_orphans():
         log.info("removed orphaned container %s", name)
+    for name in manager.egress.remove_orphans():
+        log.info("removed %s: no agent of this host has its egress any more", name)
     heartbeat = Heartbeat(settings, agents)
     heartbeat.beat(heartbeat.registry(), manager)  # registered before any consumer runs
     children = Children(settings, agents, heartbeat)

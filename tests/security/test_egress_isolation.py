@@ -198,3 +198,22 @@ def test_each_control_is_what_blocks_its_probes(
     found = agents.probe("a", targets(agents, listeners, upstream))
     opened = {name for name, result in found.items() if result.startswith("open")}
     assert set(GUARDS[control]) <= opened, found
+
+
+def test_the_network_of_an_agent_without_egress_any_more_and_then_the_proxy_are_removed(
+        agents: Agents, docker_client: docker.DockerClient) -> None:
+    settings = agents.manager.settings
+    for agent in ("a", "b"):
+        agents.manager.ensure(agent)
+    layout = EgressLayout(settings)
+    without_b = settings.model_copy(update={"agents": {"a": settings.agents["a"]}})
+    ContainerManager(docker_client, without_b).remove_orphans()  # b's container, as `fleet worker` does first
+    assert egress_proxy.EgressProxy(docker_client, without_b).remove_orphans() == [layout.network_name("b")]
+    assert not (layout.policy_dir / "b.json").exists()
+    assert {n.name for n in docker_client.networks.list(names=[layout.network_name("a")])} == {
+        layout.network_name("a")}
+    nobody = settings.model_copy(update={"agents": {}})
+    ContainerManager(docker_client, nobody).remove_orphans()
+    assert egress_proxy.EgressProxy(docker_client, nobody).remove_orphans() == [
+        layout.network_name("a"), layout.proxy_name]
+    assert not docker_client.containers.list(all=True, filters={"name": layout.proxy_name})
