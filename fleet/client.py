@@ -4,7 +4,6 @@ and imports Celery only when it first publishes."""
 
 from __future__ import annotations
 
-import json
 import time
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from fleet.credentials.alerts import Alerts
 from fleet.credentials.breaker import Breaker
 from fleet.credentials.signing import SigningKeys
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
-from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
+from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, payload_problem
 from fleet.settings import FleetSettings, load_settings
 from fleet.state.control import Notice, announce
 from fleet.state.events import BLOCK_MS
@@ -56,12 +55,8 @@ class FleetClient:
         return cls(load_settings(**overrides))
 
     def check_payload(self, payload: Any) -> None:
-        if not isinstance(payload, dict):
-            raise UsageError(f"payload must be a JSON object, not {type(payload).__name__}")
-        size = len(json.dumps(payload).encode())
-        if size > self.settings.payload_limit:
-            raise UsageError(f"payload is {size} bytes, over payload_limit="
-                             f"{self.settings.payload_limit}")
+        if (problem := payload_problem(payload, self.settings.payload_limit)) is not None:
+            raise UsageError(problem)
 
     def check_host(self, agent: str, host: str) -> None:
         """A task may be pinned only to a registered host that serves its agent."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,3 +42,14 @@ class TaskRecord(BaseModel):
 
 def now_iso(later_s: float = 0.0) -> str:
     return (datetime.now(UTC) + timedelta(seconds=later_s)).isoformat(timespec="milliseconds")
+
+
+def payload_problem(payload: Any, limit: int) -> str | None:
+    """What is wrong with a task's payload (None: nothing): the one rule the
+    client applies before publishing and a worker again before running."""
+    if not isinstance(payload, dict):
+        return f"payload must be a JSON object, not {type(payload).__name__}"
+    size = len(json.dumps(payload).encode())
+    if size > limit:
+        return f"payload is {size} bytes, over payload_limit={limit}"
+    return None

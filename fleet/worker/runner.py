@@ -27,7 +27,7 @@ from fleet.credentials.signing import KeyFile
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
 from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
-from fleet.record import State, TaskRecord
+from fleet.record import State, TaskRecord, payload_problem
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.store import TaskStore
 from fleet.worker.decision import AttemptFacts, decide, engine_failure, rejection
@@ -147,11 +147,8 @@ class TaskRunner:
             return f"agent {record.agent!r} may not run on host {host!r}"
         if record.pinned_host is not None and record.pinned_host != host:
             return f"it is pinned to host {record.pinned_host!r}"
-        if not isinstance(payload, dict):
-            return "its payload is not a JSON object"
-        size = len(json.dumps(payload).encode())
-        if size > self.settings.payload_limit:
-            return f"its payload is {size} bytes, over payload_limit={self.settings.payload_limit}"
+        if (problem := payload_problem(payload, self.settings.payload_limit)) is not None:
+            return problem
         if self.signing_keys is None:
             return None
         try:
