@@ -40,6 +40,18 @@ def enforced() -> bool:
     return os.geteuid() == 0
 
 
+@contextmanager
+def host_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (made 0600 if missing), held by one
+    process of this host at a time: fleet's consumers start at once."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def proxy_id(settings: FleetSettings) -> int:
     """The egress proxy's uid and gid: the first after the agents' pool, so
     that no agent shares its group, which reads the injected tokens.
@@ -88,12 +100,8 @@ class AgentIdentities:
     def locked(self) -> Iterator[None]:
         """One allocation at a time on this host (consumers start at once)."""
         self.prepare_secrets_dir()
-        fd = os.open(self.settings.secrets_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with host_lock(self.settings.secrets_dir / LOCK_NAME):
             yield
-        finally:
-            os.close(fd)
 
     def _allocate(self, agent: str) -> int:
         directory = self.directory(agent)

@@ -10,7 +10,6 @@ With it gone, an agent has no network at all: egress fails closed."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ from docker.types import Mount, Ulimit
 
 from fleet.container.engine import engine_errors
 from fleet.container.spec import LABEL_HOST, LABEL_NAMESPACE, LABEL_SPEC_HASH
-from fleet.credentials.identity import enforced, proxy_id
+from fleet.credentials.identity import enforced, host_lock, proxy_id
 from fleet.credentials.tokens import TokenStore
 from fleet.egress.layout import INSIDE, LABEL_ROLE, ROLE_NETWORK, ROLE_PROXY, EgressLayout
 from fleet.errors import EngineError
@@ -94,6 +93,12 @@ def proxy_create_kwargs(settings: FleetSettings) -> dict[str, Any]:
     return kwargs
 
 
+def address_on(container: Container, network: str) -> str | None:
+    """The container's address on `network`, as last inspected; None if it is not on it."""
+    found = container.attrs.get("NetworkSettings", {}).get("Networks", {}).get(network, {}).get("IPAddress")
+    return str(found) if found else None
+
+
 class EgressProxy:
     """Makes and keeps the proxy, the agents' networks and their policies."""
 
@@ -122,11 +127,7 @@ class EgressProxy:
                 proxy = self.client.containers.get(self.layout.proxy_name)
             except docker.errors.NotFound:
                 return None
-        if proxy.status != "running":
-            return None
-        networks = proxy.attrs.get("NetworkSettings", {}).get("Networks", {})
-        found = networks.get(self.layout.network_name(agent), {}).get("IPAddress")
-        return str(found) if found else None
+        return address_on(proxy, self.layout.network_name(agent)) if proxy.status == "running" else None
 
     # -- the pieces ------------------------------------------------------------
 
@@ -135,12 +136,8 @@ class EgressProxy:
         """One consumer at a time sets up egress on this host (the engine
         would let two make networks of the same name)."""
         self.layout.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd = os.open(self.layout.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with host_lock(self.layout.root / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def make_directories(self, agent: str) -> None:
         gid = proxy_id(self.settings)
@@ -206,9 +203,7 @@ class EgressProxy:
         if proxy is None:
             log.info("creating the egress proxy %s", self.layout.proxy_name)
             proxy = self.client.containers.create(**wanted)
-            for network in self.client.networks.list(filters={"label": [
-                    f"{LABEL_NAMESPACE}={self.settings.namespace}", f"{LABEL_HOST}={self.settings.host}",
-                    f"{LABEL_ROLE}={ROLE_NETWORK}"]}):
+            for network in self.agent_networks():
                 network.connect(proxy)
         if proxy.status != "running":
             since = int(time.time())
@@ -237,14 +232,13 @@ class EgressProxy:
 
     def join(self, proxy: Container, network: Network) -> str:
         """The proxy on `network`; returns its address there."""
-        attached = proxy.attrs.get("NetworkSettings", {}).get("Networks", {})
-        if network.name not in attached:
+        address = address_on(proxy, str(network.name))
+        if address is None:
             with suppress(docker.errors.APIError):  # already joined by a concurrent start
                 network.connect(proxy)
             proxy.reload()
-            attached = proxy.attrs.get("NetworkSettings", {}).get("Networks", {})
-        address = attached.get(network.name, {}).get("IPAddress")
-        if not address:
+            address = address_on(proxy, str(network.name))
+        if address is None:
             raise EngineError(f"the egress proxy has no address on network {network.name}")
         return str(address)
 
