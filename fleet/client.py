@@ -19,7 +19,7 @@ from fleet.credentials.signing import SigningKeys
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, payload_problem
 from fleet.settings import FleetSettings, load_settings
-from fleet.state.control import Notice, announce
+from fleet.state.control import cancel
 from fleet.state.events import BLOCK_MS
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
@@ -127,16 +127,7 @@ class FleetClient:
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued, retrying or running task; a finished one is
         returned unchanged."""
-        record = self.store.records.get(task_id)
-        if record.state.final:
-            return record
-        cancelled = self.store.records.transition(task_id, State.CANCELLED, finished_at=now_iso(),
-                                          error=TaskError(kind=ErrorKind.CANCELLED,
-                                                          message="cancelled by request"))
-        # The consumer running it (on any host) ends its processes now; its
-        # housekeeper would notice the record within a lease period anyway.
-        announce(self.store.redis, self.store.keys, Notice.CANCEL, task_id)
-        return cancelled
+        return cancel(self.store, task_id, "cancelled by request")
 
     def tasks(self, agent: str | None = None, state: State | str | None = None) -> list[TaskRecord]:
         if agent is not None:

@@ -53,3 +53,9 @@ class LeaseHeld(FleetError):
 class WaitTimeout(FleetError):
     def __init__(self, task_id: str, timeout: float) -> None:
         super().__init__(f"task {task_id} is not final after {timeout:g} s")
+
+
+class TaskFailed(FleetError):
+    """A fleet task that failed, as a Celery client sees it: the exception
+    `AsyncResult(id).get()` raises, its message "<kind>: <fleet's message>".
+    Where fleet is not imported, Celery makes a class of this name itself."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,11 @@ from pydantic import BaseModel, Field
 from fleet.states import FINAL_STATES, ErrorKind, State
 
 __all__ = ["FINAL_STATES", "ErrorKind", "State", "TaskError", "TaskRecord", "now_iso"]
+
+# What a task id may be: fleet's own (32 hex digits), Celery's (a UUID) or a
+# publisher's, as long as it cannot reach another key (no ':') nor another
+# field of what it is written into (no space, no '|').
+TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class TaskError(BaseModel):
@@ -53,3 +59,11 @@ def payload_problem(payload: Any, limit: int) -> str | None:
     if size > limit:
         return f"payload is {size} bytes, over payload_limit={limit}"
     return None
+
+
+def task_id_problem(task_id: Any) -> str | None:
+    """What is wrong with a task id (None: nothing)."""
+    if isinstance(task_id, str) and TASK_ID.fullmatch(task_id):
+        return None
+    return (f"task id {str(task_id)[:80]!r} is not 1-64 letters, digits, '_', '.' or '-' "
+            "(starting with a letter or digit)")

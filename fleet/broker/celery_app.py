@@ -17,6 +17,8 @@ from fleet.state.keys import Keys
 
 TASK_NAME = "fleet.run"
 VISIBILITY_MARGIN_S = 600
+TRANSPORT = "fleet.broker.transport:Transport"
+SENTINEL_TRANSPORT = "fleet.broker.transport:SentinelTransport"
 
 
 def visibility_timeout(settings: FleetSettings) -> int:
@@ -41,7 +43,7 @@ def agent_queue(settings: FleetSettings, agent: str, host: str | None = None) ->
 def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
     """The app; with `host`, it also knows that host's pinned queues (a
     consumer on it consumes them)."""
-    app = Celery(settings.namespace, broker=settings.redis_url, set_as_current=False)
+    app = Celery(settings.namespace, set_as_current=False)
     queues = [agent_queue(settings, agent) for agent in settings.agents]
     if host is not None:
         queues += [agent_queue(settings, agent, host) for agent in settings.agents]
@@ -49,16 +51,11 @@ def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
         task_queues=queues,
         task_default_queue=f"{settings.namespace}.unrouted",
         task_create_missing_queues=False,
-        broker_transport_options={
-            "visibility_timeout": visibility_timeout(settings),
-            # Every broker key under the namespace, beside fleet's own keys.
-            "global_keyprefix": Keys(settings.namespace).broker_prefix,
-            # A sentinel:// URL: the primary the sentinels know by this name.
-            **({"master_name": settings.redis_sentinel_master, "sentinel_kwargs": settings.sentinel_kwargs}
-               if is_sentinel_url(settings.redis_url) else {}),
-        },
+        broker_transport=SENTINEL_TRANSPORT if is_sentinel_url(settings.redis_url) else TRANSPORT,
+        **publisher_settings(settings),
         # rediss://: the same certificates as fleet's own connection (kombu takes ssl's constants).
-        **({"broker_use_ssl": celery_tls(settings)} if settings.redis_tls else {}),
+        **({"broker_use_ssl": celery_tls(settings), "redis_backend_use_ssl": celery_tls(settings)}
+           if settings.redis_tls else {}),
         broker_connection_retry_on_startup=True,
         # A message is acknowledged only after its task has been run and its
         # state recorded: a consumer that dies mid-task leaves it unacked, and
@@ -73,13 +70,42 @@ def make_celery(settings: FleetSettings, host: str | None = None) -> Celery:
         # fleet's lease and attempt check make harmless.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_max_retries=None,  # retry the broker forever
-        task_ignore_result=True,  # state lives in fleet's records, not a result backend
+        # Fleet's records write the result backend's keys themselves, with
+        # every change of state (fleet.state.celery_result): Celery's own
+        # write would say SUCCESS for every run, whatever fleet decided.
+        task_ignore_result=True,
+        # Events for Flower and `celery events`: received, started, the
+        # outcome (the task function mirrors fleet's); publishers send `sent`.
+        worker_send_task_events=True,
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
     return app
+
+
+def publisher_settings(settings: FleetSettings) -> dict[str, Any]:
+    """The Celery settings a publisher needs to reach fleet's queues and read
+    results, and nothing of fleet's: `fleet publisher-config` prints them,
+    and fleet's own app is made with them."""
+    keys = Keys(settings.namespace)
+    sentinel = ({"master_name": settings.redis_sentinel_master, "sentinel_kwargs": settings.sentinel_kwargs}
+                if is_sentinel_url(settings.redis_url) else {})
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": {
+            "visibility_timeout": visibility_timeout(settings),
+            # Every broker key under the namespace, beside fleet's own keys.
+            "global_keyprefix": keys.broker_prefix,
+            # A sentinel:// URL: the primary the sentinels know by this name.
+            **sentinel,
+        },
+        "result_backend": settings.redis_url,
+        "result_backend_transport_options": {"global_keyprefix": keys.result_prefix, **sentinel},
+        "result_expires": settings.retention_s,
+        "task_send_sent_event": True,
+    }
 
 
 def celery_tls(settings: FleetSettings) -> dict[str, Any]:

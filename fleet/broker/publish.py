@@ -26,8 +26,12 @@ def publish(app: Celery, settings: FleetSettings, task_id: str, agent: str, atte
     queue = agent_queue(settings, agent, host)
     # A Queue (not a name): Celery takes its exchange and routing key and
     # declares it, so a pinned queue exists before its host first consumes it.
+    # ignore_result: fleet follows its own records; Celery would otherwise
+    # subscribe to the result's channel for every message published.
+    # retries: Flower shows the attempt a message runs as.
     app.send_task(TASK_NAME, args=[task_id], kwargs={"agent": agent, "attempt": attempt},
-                  task_id=task_id, queue=queue, countdown=countdown)  # type: ignore[arg-type]
+                  task_id=task_id, queue=queue, countdown=countdown,  # type: ignore[arg-type]
+                  ignore_result=True, retries=attempt - 1)
 
 
 def republish(app: Celery, settings: FleetSettings, record: TaskRecord, attempt: int,

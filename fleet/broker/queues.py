@@ -30,12 +30,36 @@ def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> se
     with redis_errors(), client.pipeline(transaction=False) as pipe:
         for queue in queues:
             pipe.lrange(keys.queue(queue), 0, -1)
+            pipe.lrange(keys.purged(queue), 0, -1)  # until their tasks are recorded cancelled
         pipe.hvals(keys.unacked)
         *waiting, delivered = pipe.execute()
     messages = [decoded(raw) for batch in waiting for raw in batch]
     messages += [entry[0] if isinstance(entry := decoded(raw), list) and entry else None
                  for raw in delivered]  # [message, exchange, routing key]
-    return {str(m.get("headers", {}).get("id")) for m in messages if isinstance(m, dict)}
+    return {task_id for m in messages if (task_id := task_id_of(m)) is not None}
+
+
+def task_id_of(message: Any) -> str | None:
+    """The Celery task id a message (decoded) carries in its headers."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    return str(headers.get("id")) if isinstance(headers, dict) and "id" in headers else None
+
+
+PURGED_BATCH = 100
+
+
+def purged_messages(client: redis.Redis, keys: Keys, queue: str) -> list[tuple[str, str | None]]:
+    """Messages `celery purge` took off `queue` (fleet.broker.transport), up
+    to a batch: each as stored and the task id it carries."""
+    with redis_errors():
+        batch = client.lrange(keys.purged(queue), 0, PURGED_BATCH - 1)
+    return [(raw, task_id_of(decoded(raw))) for raw in batch]  # type: ignore[union-attr]
+
+
+def forget_purged(client: redis.Redis, keys: Keys, queue: str, raw: str) -> None:
+    """A purged message whose task has been dealt with."""
+    with redis_errors():
+        client.lrem(keys.purged(queue), 1, raw)
 
 
 def decoded(raw: str) -> Any:

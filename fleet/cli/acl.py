@@ -4,7 +4,8 @@ whoever holds a role's password can do that role's job and nothing more.
   worker     what a host's `fleet worker` needs: every key of the namespace,
              its control channel and the broker's; no admin command
   submitter  publishes tasks and follows them: writes task records, their
-             indexes, idempotency keys and the broker's queues; reads the rest;
+             indexes, idempotency keys and the broker's queues, sends Celery's
+             `task-sent` events and waits on results (AsyncResult); reads the rest;
              cannot pause or resume agents, drain hosts, touch leases or the
              marks of finished tasks (so neither cancel: an operator's job)
   viewer     reads records, events, alerts, hosts and queues; writes nothing
@@ -52,7 +53,9 @@ def roles(namespace: str, db: int = 0) -> dict[str, Role]:
             # The broker's queues and bindings only: not kombu's `unacked`, which workers restore from.
             (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*",
              f"%W~{ns}:broker:{ns}.agent.*", f"%W~{ns}:broker:_kombu.*"),
-            (f"&{ns}:control",), f"{CONNECTION} {WRITING}"),
+            # Celery's `task-sent` events; the channels AsyncResult.get() waits on.
+            (f"&{ns}:control", f"&{ns}:broker:/{db}.celeryev/*", f"&{ns}:result:*"),
+            f"{CONNECTION} {WRITING}"),
         "viewer": Role("viewer", "reads, writes nothing", (f"%R~{ns}:*",), (f"&{ns}:*",),
                        f"{CONNECTION} +@read +@blocking +subscribe +psubscribe +unsubscribe "
                        "+punsubscribe -@write -@dangerous -@admin"),

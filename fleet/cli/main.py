@@ -25,6 +25,7 @@ def cli() -> None:
 
 
 for command in (tasks.submit, tasks.status, tasks.wait, tasks.tasks, tasks.logs, tasks.cancel,
+                tasks.publisher_config,
                 operate.agents, operate.hosts, operate.tokens, operate.alerts,
                 host.worker, host.image, host.audit, host.doctor, host.demo, host.bench, host.acl):
     cli.add_command(command)

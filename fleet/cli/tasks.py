@@ -1,4 +1,5 @@
-"""Commands on tasks: submit, status, wait, tasks, logs, cancel."""
+"""Commands on tasks: submit, status, wait, tasks, logs, cancel, and what a
+plain Celery publisher needs to submit them (publisher-config)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,25 @@ def cancel(ctx: Context, task_id: str) -> None:
         return
     ctx.client.cancel(task_id)
     click.echo(f"task {task_id} cancelled (was {before.state})")
+
+
+@click.command("publisher-config")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (docs/celery.md).")
+@pass_context
+def publisher_config(ctx: Context, as_json: bool) -> None:
+    """What a plain Celery app needs to publish fleet tasks: apply it with
+    app.conf.update(...) and send_task(task, kwargs={"agent", "payload"},
+    queue=queues[agent]). It includes redis_url as configured (its password too)."""
+    from fleet.broker.celery_app import TASK_NAME, publisher_settings
+    from fleet.broker.routing import queue_name
+
+    settings = ctx.settings
+    config = {**publisher_settings(settings), "task": TASK_NAME,
+              "queues": {agent: queue_name(settings.namespace, agent) for agent in settings.agents}}
+    if as_json:
+        click.echo(json.dumps(config))
+        return
+    for name, value in config.items():
+        click.echo(f"{name:<34} {json.dumps(value)}")
+    if settings.redis_tls:
+        click.echo("# rediss://: also set broker_use_ssl and redis_backend_use_ssl (docs/celery.md)")

@@ -15,11 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import redis
 
 from fleet.connection import redis_errors
+from fleet.errors import StaleTransition
+from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.state.keys import Keys
+
+if TYPE_CHECKING:
+    from fleet.state.store import TaskStore
 
 
 class Notice(StrEnum):
@@ -72,3 +78,20 @@ def announce(client: redis.Redis, keys: Keys, notice: Notice, subject: str) -> N
     """Send a notice to every process of the fleet that listens."""
     with redis_errors():
         client.publish(keys.control, ControlMessage(notice, subject).encode())
+
+
+def cancel(store: TaskStore, task_id: str, why: str) -> TaskRecord:
+    """Cancel a queued, retrying or running task (the record says so first,
+    then a notice tells whoever runs it to end it now; its housekeeper
+    would notice the record within a lease period anyway). A finished task
+    is returned unchanged."""
+    record = store.records.get(task_id)
+    if record.state.final:
+        return record
+    try:
+        cancelled = store.records.transition(task_id, State.CANCELLED, finished_at=now_iso(),
+                                             error=TaskError(kind=ErrorKind.CANCELLED, message=why))
+    except StaleTransition:  # it finished meanwhile
+        return store.records.get(task_id)
+    announce(store.redis, store.keys, Notice.CANCEL, task_id)
+    return cancelled

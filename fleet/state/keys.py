@@ -16,6 +16,11 @@
                                        its consumers' reports; expires a day after its last heartbeat
     {ns}:host:{host}:drain      string the host is drained (since when); kept until undrained
     {ns}:broker:...                    Celery/kombu's own keys (queues, unacked messages)
+    {ns}:broker:{queue}.purged  list   messages `celery purge` took off a queue, until a consumer
+                                       has cancelled their tasks (fleet.broker.transport)
+    {ns}:result:celery-task-meta-{id}  string  the task's state in Celery's result-backend format,
+                                       written with every change of its record (also published
+                                       on the channel of that name, for `AsyncResult.get`)
 
 Finished tasks' record, events and idempotency key expire after
 `retention_s`; index entries that point at expired records are pruned when
@@ -24,6 +29,8 @@ read."""
 from __future__ import annotations
 
 import hashlib
+
+PURGED_SUFFIX = ".purged"
 
 
 class Keys:
@@ -86,9 +93,22 @@ class Keys:
         """kombu's `global_keyprefix`: the broker's keys live under the namespace too."""
         return f"{self.namespace}:broker:"
 
+    @property
+    def result_prefix(self) -> str:
+        """The Celery result backend's `global_keyprefix`."""
+        return f"{self.namespace}:result:"
+
+    def celery_result(self, task_id: str) -> str:
+        """Celery's result key of a task (and the channel its changes are published on)."""
+        return f"{self.result_prefix}celery-task-meta-{task_id}"
+
     def queue(self, queue_name: str) -> str:
         """The Redis list kombu keeps a queue's messages in."""
         return f"{self.broker_prefix}{queue_name}"
+
+    def purged(self, queue_name: str) -> str:
+        """Where `celery purge` puts the messages it took off a queue (fleet.broker.transport)."""
+        return f"{self.queue(queue_name)}{PURGED_SUFFIX}"
 
     @property
     def unacked(self) -> str:

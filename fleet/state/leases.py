@@ -83,6 +83,7 @@ class Leases:
             entry: dict[Any, Any] = {"type": "state", "state": str(State.RETRYING),
                                      "attempt": str(record.attempts), "error": ErrorKind.LOST}
             pipe.xadd(self.keys.events(task_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
+            self.records.write_celery_result(pipe, record)
             result.append(record)
 
         with redis_errors():

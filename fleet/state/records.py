@@ -21,6 +21,7 @@ from redis.client import Pipeline
 from fleet.connection import redis_errors
 from fleet.errors import StaleTransition, TaskNotFound
 from fleet.record import FINAL_STATES, State, TaskRecord, now_iso
+from fleet.state.celery_result import celery_meta
 from fleet.state.events import EVENTS_MAXLEN
 from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
@@ -157,16 +158,39 @@ class TaskRecords:
                                 else (None, None))
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=created_at,
                             key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature)
-        now = time.time()
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
-                                                         "payload": json.dumps(payload)})
-            pipe.zadd(self.keys.by_agent(agent), {task_id: now})
-            pipe.zadd(self.keys.by_state(State.QUEUED), {task_id: now})
-            pipe.xadd(self.keys.events(task_id), {"type": "state", "state": State.QUEUED},
-                      maxlen=EVENTS_MAXLEN, approximate=True)
+            self._write_new(pipe, record, payload)
             self._call(pipe.execute)
         return task_id, True
+
+    def adopt(self, task_id: str, agent: str, payload: Any, created_at: str | None = None,
+              signed_by: str | None = None, signature: str | None = None) -> tuple[TaskRecord, bool]:
+        """A queued record for a task a publisher sent with its payload
+        (fleet.broker.message): written unless one with this id exists, which
+        is returned with False (a redelivery, or an id already used)."""
+        record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED,
+                            created_at=created_at or now_iso(), signed_by=signed_by, signature=signature)
+        key = self.keys.task(task_id)
+        existing: list[TaskRecord] = []
+
+        def write(pipe: Pipeline) -> None:
+            if pipe.exists(key):
+                existing.append(self.get(task_id))
+                return
+            pipe.multi()
+            self._write_new(pipe, record, payload)
+
+        self._call(self.redis.transaction, write, key)
+        return (existing[0], False) if existing else (record, True)
+
+    def _write_new(self, pipe: Pipeline, record: TaskRecord, payload: Any) -> None:
+        task_id, now = record.id, time.time()
+        pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
+                                                     "payload": json.dumps(payload)})
+        pipe.zadd(self.keys.by_agent(record.agent), {task_id: now})
+        pipe.zadd(self.keys.by_state(State.QUEUED), {task_id: now})
+        pipe.xadd(self.keys.events(task_id), {"type": "state", "state": State.QUEUED},
+                  maxlen=EVENTS_MAXLEN, approximate=True)
 
     def transition(self, task_id: str, to: State, *,
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
@@ -240,8 +264,17 @@ class TaskRecords:
                 pipe.delete(self.keys.lease(task_id))
             if to in FINAL_STATES:
                 self._expire_finished(pipe, record, now)
+            self.write_celery_result(pipe, record)
             commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
         return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
+
+    def write_celery_result(self, pipe: Pipeline, record: TaskRecord) -> None:
+        """The record's state where a Celery client's `AsyncResult` reads it,
+        and published on that key's channel, where `AsyncResult.get()` waits."""
+        if (meta := celery_meta(record)) is not None:
+            key = self.keys.celery_result(record.id)
+            pipe.set(key, meta, ex=self.retention_s)
+            pipe.publish(key, meta)
 
     def _expire_finished(self, pipe: Pipeline, record: TaskRecord, now: float) -> None:
         for key in (self.keys.task(record.id), self.keys.events(record.id)):

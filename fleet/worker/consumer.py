@@ -37,8 +37,10 @@ from fleet.forwarding.channel import ChannelForwarder
 from fleet.forwarding.exec import ExecForwarder
 from fleet.record import TaskRecord
 from fleet.settings import FleetSettings
+from fleet.state.control import cancel
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
+from fleet.worker.celery_control import install_revoke
 from fleet.worker.effects import Credentials
 from fleet.worker.holdback import ConsumptionControl, install
 from fleet.worker.housekeeping import Housekeeper
@@ -61,6 +63,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     app = make_celery(settings, host=settings.host)
+    app.conf.worker_consumer = "fleet.worker.celery_events:BatchingConsumer"
     manager = ContainerManager(connect(), settings)
     store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
                       settings.retention_s)
@@ -69,6 +72,8 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
     control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
     install(app, control)
+    install_revoke(lambda task_id: log.info("task %s revoked through Celery: %s", task_id, cancel(
+        store, task_id, "revoked through Celery (celery control revoke)").state))
     tokens = TokenStore(settings)
 
     def mask(text: str) -> str:
@@ -128,11 +133,11 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         concurrency=spec.concurrency,
         pool="threads",
         loglevel="INFO",
-        # Gossip, mingle and event heartbeats are broadcast chatter fleet
-        # does not use; without them a worker starts in well under a second.
+        # Gossip and mingle are broadcast chatter fleet does not use; without
+        # them a worker starts in well under a second. Its event heartbeats
+        # (every 2 s) are what Flower and `celery status` tell a live worker by.
         without_gossip=True,
         without_mingle=True,
-        without_heartbeat=True,
         quiet=True,
     )
     worker.start()

@@ -81,17 +81,22 @@ class Effects:
         self.republish = republish
         self.patience_s = patience_s
 
-    def apply(self, record: TaskRecord, decision: Decision) -> bool:
-        """Run the steps in order; False if one was refused or never got
-        through (the steps after it were not run)."""
+    def apply(self, record: TaskRecord, decision: Decision) -> TaskRecord | None:
+        """Run the steps in order. The record as the outcome step wrote it
+        (`record` itself if the decision records none); None if a step was
+        refused or never got through (the steps after it were not run)."""
+        written = record
         for step in decision.steps:
-            if until_stored(record, partial(self.run, record, step), self.patience_s) is None:
-                return False
+            done = until_stored(record, partial(self.run, record, step), self.patience_s)
+            if done is None:
+                return None
+            if isinstance(done, TaskRecord):
+                written = done
         if decision.outcome is not None:
             log.info("task %s attempt %d: %s", record.id, record.attempts, decision.outcome.state)
-        return True
+        return written
 
-    def run(self, record: TaskRecord, step: Step) -> bool:
+    def run(self, record: TaskRecord, step: Step) -> TaskRecord | bool:
         """One step; raises StateStoreError while Redis is away, StaleTransition if refused."""
         agent = record.agent
         match step:
@@ -105,12 +110,12 @@ class Effects:
             case ResetCredentialFailures():
                 self.credentials.breaker.succeeded(agent)
             case RecordOutcome():
-                self.record_outcome(record, step)
+                return self.record_outcome(record, step)
             case PublishRetry(attempt, delay):
                 self.republish(record, attempt, delay)
         return True
 
-    def record_outcome(self, record: TaskRecord, step: RecordOutcome) -> None:
+    def record_outcome(self, record: TaskRecord, step: RecordOutcome) -> TaskRecord:
         outcome = step.outcome
         fields: dict[str, Any] = {"exit_code": step.exit_code, "error": outcome.error,
                                   "attempts": step.attempts}
@@ -120,7 +125,7 @@ class Effects:
             fields.update(retry_at=now_iso(later_s=outcome.retry_in))
         # An attempt's own outcome applies only while it runs: not once it
         # was declared lost (`retrying`) or cancelled.
-        self.store.records.transition(
+        return self.store.records.transition(
             record.id, outcome.state, epoch=step.epoch,
             current=record if step.while_running else None,
             require=State.RUNNING if step.while_running else step.require, **fields)

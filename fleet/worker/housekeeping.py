@@ -38,11 +38,11 @@ from contextlib import suppress
 from datetime import UTC, datetime
 
 from fleet.broker.publish import Republish
-from fleet.broker.queues import published_task_ids
+from fleet.broker.queues import forget_purged, published_task_ids, purged_messages
 from fleet.broker.routing import queue_name
-from fleet.errors import FleetError
-from fleet.record import State
-from fleet.state.control import ControlMessage, ControlSubscription, Notice
+from fleet.errors import FleetError, TaskNotFound
+from fleet.record import State, task_id_problem
+from fleet.state.control import ControlMessage, ControlSubscription, Notice, cancel
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
 from fleet.worker.holdback import ConsumptionControl
@@ -181,7 +181,23 @@ class Housekeeper:
             if self.store.records.get(job.task_id).state == State.CANCELLED:
                 self.running.end(job.task_id, CANCELLED)
 
+    def cancel_purged(self) -> None:
+        """Record `cancelled` the queued or retrying tasks whose messages
+        `celery purge` took off this agent's queues (fleet.broker.transport),
+        and forget those messages. A purged duplicate of a running task's
+        message leaves that run alone."""
+        for queue in self.control.queues:
+            for raw, task_id in purged_messages(self.store.redis, self.store.keys, queue):
+                if task_id is not None and task_id_problem(task_id) is None:
+                    with suppress(TaskNotFound):
+                        if self.store.records.get(task_id).state in (State.QUEUED, State.RETRYING):
+                            log.warning("task %s: its message was purged from %s; cancelling it",
+                                        task_id, queue)
+                            cancel(self.store, task_id, f"its message was purged from queue {queue}")
+                forget_purged(self.store.redis, self.store.keys, queue, raw)
+
     def reap(self) -> None:
+        self.cancel_purged()  # before the sweep below could take those tasks' messages for lost
         for record in self.store.records.find(agent=self.agent, state=State.RUNNING):
             if self.store.leases.owner(record.id) is None and self.store.leases.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from celery.exceptions import Reject
 from docker.models.containers import Container
 
 from fleet.broker.celery_app import TASK_NAME
+from fleet.broker.message import Malformed, NewTask, RunTask, read_message
 from fleet.broker.publish import Republish
 from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
@@ -29,6 +29,7 @@ from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, St
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord, payload_problem
 from fleet.settings import AgentSpec, FleetSettings
+from fleet.state.records import new_task_id
 from fleet.state.store import TaskStore
 from fleet.worker.decision import AttemptFacts, decide, engine_failure, rejection
 from fleet.worker.effects import Credentials, Effects, until_stored
@@ -37,8 +38,6 @@ from fleet.worker.output import OutputRecorder
 from fleet.worker.running import RunningTask, RunningTasks
 
 log = logging.getLogger(__name__)
-
-TASK_ID = re.compile(r"[0-9a-f]{32}")  # records.new_task_id
 
 class HeldBack(FleetError):
     """The agent is paused or the host drained: the message goes back to the queue."""
@@ -82,32 +81,78 @@ class TaskRunner:
         self.user = user  # the agent's own uid on this host
         self.rng = random.Random()
 
-    def run(self, task_id: str, attempt: int | None = None) -> None:
+    def run_message(self, message_id: Any, args: Any, kwargs: Any) -> TaskRecord | None:
+        """Handle one message of the agent's queue (fleet.broker.message);
+        the task's record afterwards, or None if it names no task of its own."""
         with self.running.handling():
-            self.handle(task_id, attempt)
+            match read_message(message_id, args if isinstance(args, list | tuple) else [args],
+                               kwargs if isinstance(kwargs, dict) else {"": kwargs}):
+                case RunTask(task_id, attempt):
+                    written = self.handle(task_id, attempt)
+                case NewTask() as new:
+                    if (adopted := self.adopt(new)) is None:
+                        return None
+                    task_id = adopted.id
+                    written = self.handle(task_id, None)
+                case Malformed() as malformed:
+                    return self.reject_malformed(malformed)
+            if written is not None:
+                return written
+            try:  # another writer's, or none at all
+                return self.store.records.get(task_id)
+            except TaskNotFound:
+                return None
 
-    def handle(self, task_id: str, attempt: int | None) -> None:
-        if not TASK_ID.fullmatch(str(task_id)):  # fleet's ids only: no other key is ever read for one
-            log.warning("dropping a message that names no fleet task: %.80r", task_id)
-            return
-        try:
+    def adopt(self, new: NewTask) -> TaskRecord | None:
+        """The record of a publisher's task, written from its message (or the
+        one a redelivery of it finds); None if its id is another task's."""
+        if new.agent not in self.settings.agents:
+            return self.reject_malformed(Malformed(new.task_id, f"unknown agent {new.agent!r:.80}"))
+        record, created = self.store.records.adopt(new.task_id, new.agent, new.payload, new.created_at,
+                                                   new.signed_by, new.signature)
+        if created:
+            self.store.events.add(record.id, "published", by="celery", queue_agent=self.agent)
+            return record
+        stored = self.store.records.get_with_payload(record.id)[1]
+        if record.agent != new.agent or stored != new.payload:
+            log.warning("a publisher's message for task %s not run: that id is another task's", new.task_id)
+            return None
+        return record  # a redelivery: its record decides
+
+    def reject_malformed(self, malformed: Malformed) -> TaskRecord | None:
+        """A message fleet cannot run is recorded `rejected` with why, under its
+        id (or a new one if it has none fit), never dropped unseen; an id
+        another task has is left alone."""
+        task_id = malformed.task_id or new_task_id()
+        record, created = self.store.records.adopt(task_id, self.agent, {})
+        if not created:
+            log.warning("a malformed message for task %s not recorded (that task exists): %s", task_id,
+                        malformed.reason)
+            return None
+        log.warning("message for task %s rejected: %s", task_id, malformed.reason)
+        return self.effects.apply(record, rejection(record.id, record.agent, self.settings.host, 0,
+                                                    f"malformed message: {malformed.reason}", State.QUEUED))
+
+    def handle(self, task_id: str, attempt: int | None) -> TaskRecord | None:
+        """Run (or refuse) one task of a message; the record as this consumer
+        last wrote or read it, or None where another writer decides it."""
+        try:  # task_id is fit to be a key (read_message checked it): no other key is read for one
             record, payload = self.store.records.get_with_payload(task_id)
         except TaskNotFound:
             log.warning("task %s has no record (expired?); dropping its message", task_id)
-            return
+            return None
         if record.state.final:
             log.info("task %s is already %s; not running it again", task_id, record.state)
-            return
+            return record
         if (reason := self.held_back()) is not None:
             raise HeldBack(reason)
         if (why := self.refusal(record, payload)) is not None:
             if record.state not in (State.QUEUED, State.RETRYING):  # another consumer's run: not ours to end
                 log.warning("dropping a message for task %s (%s): %s", task_id, record.state, why)
-                return
+                return None
             log.warning("task %s rejected: %s", task_id, why)
-            self.effects.apply(record, rejection(record.id, record.agent, self.settings.host,
-                                                 record.attempts, why, record.state))
-            return
+            return self.effects.apply(record, rejection(record.id, record.agent, self.settings.host,
+                                                        record.attempts, why, record.state))
         spec = self.settings.agent(record.agent)
         held: Container | None = None
         try:
@@ -120,14 +165,14 @@ class TaskRunner:
                         host=self.settings.host, container=container.short_id)
                 except (StaleTransition, LeaseHeld) as refused:
                     log.info("not running task %s: %s", task_id, refused)
-                    return
+                    return None
                 done = self.attempt(record, payload, spec, container, leased_at)
         except EngineError as error:
             if isinstance(error, ChannelBroken) and held is not None:
                 self.condemn(held, str(error))
             self.containers.invalidate(record.agent)
             self.engine_failed(task_id, error, spec)
-            return
+            return None
         if done.container_lost is not None:
             self.containers.invalidate(record.agent)
         until_stored(done.record, done.output.flush)
@@ -135,7 +180,8 @@ class TaskRunner:
         decision = decide(facts, spec, self.rng)
         if decision.outcome is None:
             log.info("task %s attempt %d ended: %s", record.id, record.attempts, facts.reason)
-        self.effects.apply(done.record, decision)
+        written = self.effects.apply(done.record, decision)
+        return written if decision.outcome is not None else None
 
     def refusal(self, record: TaskRecord, payload: Any) -> str | None:
         """Why this consumer must not run the task at all (None: it may). It
@@ -243,12 +289,18 @@ def signed_too_long_ago(created_at: str, retention_s: int) -> bool:
 
 
 def register_consumer(app: Celery, runner: TaskRunner) -> None:
-    """Bind the task name the publisher sends to the runner."""
+    """Bind the task name the publisher sends to the runner; what Celery
+    reports of each message (its events, for Flower) mirrors fleet's record."""
+    from celery import Task
+    from celery.exceptions import Ignore
 
-    @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)
-    def run(task_id: str, agent: str, attempt: int | None = None) -> None:
+    from fleet.errors import TaskFailed
+    from fleet.worker.celery_outcome import report_outcome
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True, throws=(TaskFailed,))
+    def run(task: Task[Any, Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            runner.run(task_id, attempt)
+            record = runner.run_message(task.request.id, args, kwargs)
         except HeldBack as held:
             # Back to the queue, untouched: no attempt is used up while held back.
             raise Reject(str(held), requeue=True) from None
@@ -256,3 +308,6 @@ def register_consumer(app: Celery, runner: TaskRunner) -> None:
             # Redis went away before the attempt was recorded (an outcome
             # waits for Redis on its own): the message goes back, not lost.
             raise Reject(f"Redis: {error}", requeue=True) from None
+        if record is None:
+            raise Ignore()
+        return report_outcome(task, record)

@@ -5,11 +5,13 @@ what it should not do."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 from support import FLEET, Fleet, MakeFleet, RedisServer, start_redis
 
 ADMIN = "acl-admin-password-0123"
@@ -55,6 +57,14 @@ def test_each_role_does_its_job_and_no_more(make_fleet: MakeFleet, acl_redis: Re
     task_id = done.stdout.strip()
     waited = as_role(fleet, acl_redis, "submitter", "wait", task_id, "--timeout", "60")
     assert waited.returncode == 0 and "succeeded" in waited.stdout, waited.stdout + waited.stderr
+    # A plain Celery publisher holding the submitter's password: its task
+    # (and its `sent` event) go through, and AsyncResult waits on the result.
+    config = json.loads(as_role(fleet, acl_redis, "submitter", "publisher-config", "--json").stdout)
+    app = Celery("plain-publisher", set_as_current=False)
+    app.conf.update({k: v for k, v in config.items() if k not in ("task", "queues")})
+    sent = app.send_task(config["task"], kwargs={"agent": "dev", "payload": {"echo": "plain"}},
+                         queue=config["queues"]["dev"])
+    assert sent.get(timeout=60)["echo"] == "plain"
     for role in ("submitter", "viewer"):
         for args in (["status", task_id], ["logs", task_id], ["tasks"], ["agents"], ["hosts"]):
             shown = as_role(fleet, acl_redis, role, *args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +87,31 @@ def test_only_tasks_signed_with_a_key_of_the_workers_run(
     publish(alice.app, alice.settings, changed_id, "dev")
     rejected(alice, changed_id, "does not match the task")
 
+    # A plain Celery publisher's message: signed in its kwargs, or refused.
+    plain, queue = alice.app, f"{fleet.settings.namespace}.agent.dev"
+    unsigned_plain = plain.send_task("fleet.run", queue=queue, ignore_result=True, kwargs={
+        "agent": "dev", "payload": marking("plain-unsigned")}).id
+    rejected(alice, unsigned_plain, "it is not signed")
+    created_at = datetime.now(UTC).isoformat()
+    assert alice.signing_keys is not None
+    signed_by, signature = alice.signing_keys.sign("plain-signed-1", "dev", None, marking("plain-signed"),
+                                                   created_at)
+    plain.send_task("fleet.run", task_id="plain-signed-1", queue=queue,
+                    ignore_result=True, kwargs={"agent": "dev", "payload": marking("plain-signed"),
+                                                "signed_by": signed_by, "signature": signature,
+                                                "created_at": created_at})
+    assert wait_for_state(alice, "plain-signed-1", State.SUCCEEDED).signed_by == "alice"
+
     key_file(keys, ALICE)  # bob's key withdrawn from the workers: counts from the next task
     rejected(bob, bob.submit("dev", marking("bob-after")),
              "signed with key 'bob', which this worker does not accept")
 
-    for name in ("unsigned", "wrong-key", "changed", "bob-after"):
+    for name in ("unsigned", "wrong-key", "changed", "bob-after", "plain-unsigned"):
         assert not marked(fleet, docker_client, name), name
-    assert marked(fleet, docker_client, "by-alice") and marked(fleet, docker_client, "by-bob")
+    for name in ("by-alice", "by-bob", "plain-signed"):
+        assert marked(fleet, docker_client, name), name
     alerts = [json.loads(line) for line in fleet.cli("alerts", "--json").stdout.splitlines()]
-    assert sum(a["kind"] == "task_rejected" for a in alerts) == 4
+    assert sum(a["kind"] == "task_rejected" for a in alerts) == 5
 
 
 def test_a_consumer_runs_only_its_own_agents_tasks_for_its_host_within_the_limit(
@@ -134,10 +151,12 @@ def test_a_finished_signed_task_put_back_in_the_queue_is_not_run_again(
     container = docker_client.containers.get(container_name(fleet.settings, "dev"))
     assert container.exec_run(["cat", "/state/replayed"]).output == b"ran\n"
 
-    # A message that names no fleet task is dropped once, not put back forever.
+    # A message whose id could reach another key is recorded rejected under a
+    # new id, once, not put back forever.
     publish(client.app, client.settings, f"{task_id}:events", "dev")
     assert wait_for_state(client, client.submit("dev", {}), State.SUCCEEDED)
-    assert sum("names no fleet task" in line for line in worker.lines) == 1
+    assert sum(f"task id '{task_id}:events' is not" in line and "rejected:" in line
+               for line in worker.lines if "fleet.worker.runner" in line) == 1
 
 
 def test_an_idempotency_key_someone_else_filled_is_refused(make_fleet: MakeFleet, tmp_path: Path) -> None:

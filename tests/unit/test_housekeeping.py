@@ -5,6 +5,7 @@ republishing to a recorder, consumption control to a stand-in."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ class FakeControl:
 
     host: str = "h1"
     consuming: bool = True
+    queues: tuple[str, ...] = ("ns.agent.dev", "ns.agent.dev.host.h1")
 
     def held_back(self) -> str | None:
         return None
@@ -109,6 +111,22 @@ def test_reap_records_a_task_whose_lease_is_gone_lost_and_publishes_it_again(
     assert after.error is not None and after.error.kind == ErrorKind.LOST
     keeper.reap()  # no longer running: not reaped twice
     assert len(republished.calls) == 1
+
+
+def test_tasks_whose_messages_were_purged_are_cancelled_not_published_again(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    queued, _ = store.records.create("dev", {})
+    running = claimed(store)
+    for task_id in (queued, running.id, "no-such-task", "bad:id"):
+        store.redis.rpush(store.keys.purged("ns.agent.dev"), json.dumps({"headers": {"id": task_id}}))
+    store.redis.rpush(store.keys.purged("ns.agent.dev.host.h1"), "not json")
+    keeper.reap()
+    record = store.records.get(queued)
+    assert record.state == State.CANCELLED and record.error is not None
+    assert "purged from queue ns.agent.dev" in record.error.message
+    assert store.records.get(running.id).state == State.RUNNING  # a duplicate's purge ends no run
+    assert not store.redis.exists(*(store.keys.purged(q) for q in FakeControl.queues))
+    assert republished.calls == []
 
 
 def test_reap_leaves_a_task_with_a_live_lease_alone(

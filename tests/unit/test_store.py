@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import pytest
 
@@ -65,6 +67,30 @@ def test_finished_tasks_expire_after_retention(store: TaskStore) -> None:
     r.delete(store.keys.task(task_id))  # as if it expired
     assert store.records.find(agent="dev") == []
     assert r.zcard(store.keys.by_agent("dev")) == 0
+
+
+def test_every_change_of_state_is_written_and_published_for_celery_clients(store: TaskStore) -> None:
+    task_id, _ = store.records.create("dev", {})
+    key = store.keys.celery_result(task_id)
+    assert store.redis.get(key) is None  # queued: PENDING to Celery
+    pubsub = store.redis.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(key)
+    store.records.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1})
+    store.records.transition(task_id, State.SUCCEEDED, result={"n": 1}, finished_at="2026-11-30T00:00:00Z")
+    messages = [pubsub.get_message(timeout=1) for _ in range(3)]  # the first: the subscription, ignored
+    published = [json.loads(m["data"])["status"] for m in messages if m is not None]
+    assert published == ["STARTED", "SUCCESS"]
+    meta = json.loads(store.redis.get(key) or "")
+    assert (meta["status"], meta["result"], meta["task_id"]) == ("SUCCESS", {"n": 1}, task_id)
+    assert 0 < store.redis.ttl(key) <= store.records.retention_s
+
+
+def test_adopting_a_publishers_task_writes_it_once(store: TaskStore) -> None:
+    record, created = store.records.adopt("job-1", "dev", {"x": 1}, created_at="2026-11-30T00:00:00Z")
+    assert created and record.state == State.QUEUED
+    again, created = store.records.adopt("job-1", "boss", {"y": 2})
+    assert not created and again.agent == "dev"
+    assert store.records.get_with_payload("job-1")[1] == {"x": 1}
 
 
 def test_unknown_task(store: TaskStore) -> None:
