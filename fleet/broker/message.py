@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from fleet.record import task_id_problem
@@ -85,4 +86,14 @@ def publisher_message(task_id: str, kwargs: Mapping[str, Any]) -> Message:
     signed = [kwargs.get(name) for name in SIGNATURE_FIELDS]
     if any(value is not None and not isinstance(value, str) for value in signed):
         return Malformed(task_id, "signed_by, signature and created_at must be strings")
+    created_at = kwargs.get("created_at")
+    if created_at is not None and not zoned_iso_time(created_at):
+        return Malformed(task_id, f"created_at {created_at!r:.60} is not an ISO 8601 time with a zone")
     return NewTask(task_id, agent, kwargs["payload"], *signed)
+
+
+def zoned_iso_time(text: str) -> bool:
+    try:
+        return datetime.fromisoformat(text).tzinfo is not None
+    except ValueError:
+        return False

@@ -51,8 +51,13 @@ PURGED_BATCH = 100
 def purged_messages(client: redis.Redis, keys: Keys, queue: str) -> list[tuple[str, str | None]]:
     """Messages `celery purge` took off `queue` (fleet.broker.transport), up
     to a batch: each as stored and the task id it carries."""
+    key = keys.purged(queue)
     with redis_errors():
-        batch = client.lrange(keys.purged(queue), 0, PURGED_BATCH - 1)
+        try:
+            batch = client.lrange(key, 0, PURGED_BATCH - 1)
+        except redis.ResponseError:  # not a list: nothing kombu or fleet wrote
+            client.delete(key)
+            return []
     return [(raw, task_id_of(decoded(raw))) for raw in batch]  # type: ignore[union-attr]
 
 
@@ -66,5 +71,5 @@ def decoded(raw: str) -> Any:
     """A message as JSON; None for anything else (nothing fleet wrote: skipped, not fatal)."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON; nested past the parser's depth
         return None

@@ -1,5 +1,5 @@
 """kombu's Redis transport with two changes. A purge does not destroy the
-messages it takes off a queue but moves them to `<queue>.purged`, where a
+messages it takes off a queue but moves them to `<ns>:purged:<queue>`, where a
 consumer of that agent finds them and records their tasks `cancelled`
 (`worker.housekeeping`). Without it, a purged task keeps its `queued`
 record, and the housekeeper, finding its message gone, would publish it
@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 
-from fleet.state.keys import PURGED_SUFFIX
+from fleet.state.keys import Keys
 
 # Move every message of a list to another, atomically; how many moved.
 MOVE_ALL = """
@@ -33,12 +33,16 @@ return moved
 """
 
 
-def move_purged(channel: Any, queue: str) -> int:
+def move_purged(channel: Any, queue: str) -> int | None:
     """Move the messages of `queue` (each of its priority lists) to its
-    `.purged` list, in one atomic step per list; how many were moved."""
-    client = redis.Redis(connection_pool=channel.pool)  # full key names: no prefixing client
+    purged list, in one atomic step per list; how many were moved (None:
+    the channel's key prefix is not a fleet namespace's)."""
     prefix = channel.global_keyprefix
-    purged = f"{prefix}{queue}{PURGED_SUFFIX}"
+    keys = Keys.of_broker_prefix(prefix)
+    if keys is None:
+        return None
+    client = redis.Redis(connection_pool=channel.pool)  # full key names: no prefixing client
+    purged = keys.purged(queue)
     moved = 0
     for pri in channel.priority_steps:
         moved += int(client.eval(MOVE_ALL, 2, f"{prefix}{channel._q_for_pri(queue, pri)}", purged))  # type: ignore[arg-type]
@@ -52,7 +56,8 @@ class FleetChannelMixin:
     _shared_client: Any = None
 
     def _purge(self, queue: str) -> int:
-        return move_purged(self, queue)
+        moved = move_purged(self, queue)
+        return super()._purge(queue) if moved is None else moved  # type: ignore[misc]
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:  # the poller's own, made once by kombu

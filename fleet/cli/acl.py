@@ -5,7 +5,8 @@ whoever holds a role's password can do that role's job and nothing more.
              its control channel and the broker's; no admin command
   submitter  publishes tasks and follows them: writes task records, their
              indexes, idempotency keys and the broker's queues, sends Celery's
-             `task-sent` events and waits on results (AsyncResult); reads the rest;
+             `task-sent` events and listens for results (AsyncResult), without
+             publishing there; reads the rest;
              cannot pause or resume agents, drain hosts, touch leases or the
              marks of finished tasks (so neither cancel: an operator's job)
   viewer     reads records, events, alerts, hosts and queues; writes nothing
@@ -38,6 +39,9 @@ class Role:
     keys: tuple[str, ...]
     channels: tuple[str, ...]
     commands: str
+    # Redis 7 selectors: further permissions, each its own (rules); a command
+    # is allowed if the root rules or one selector allow it.
+    selectors: tuple[str, ...] = ()
 
 
 def roles(namespace: str, db: int = 0) -> dict[str, Role]:
@@ -53,9 +57,12 @@ def roles(namespace: str, db: int = 0) -> dict[str, Role]:
             # The broker's queues and bindings only: not kombu's `unacked`, which workers restore from.
             (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*",
              f"%W~{ns}:broker:{ns}.agent.*", f"%W~{ns}:broker:_kombu.*"),
-            # Celery's `task-sent` events; the channels AsyncResult.get() waits on.
-            (f"&{ns}:control", f"&{ns}:broker:/{db}.celeryev/*", f"&{ns}:result:*"),
-            f"{CONNECTION} {WRITING}"),
+            # Celery's `task-sent` events (no other event: Flower believes them).
+            (f"&{ns}:control", f"&{ns}:broker:/{db}.celeryev/task.sent"),
+            f"{CONNECTION} {WRITING}",
+            # The channels AsyncResult.get() waits on, to listen only: whoever
+            # may publish there can make a client's get() return anything.
+            (f"(+subscribe +unsubscribe &{ns}:result:*)",)),
         "viewer": Role("viewer", "reads, writes nothing", (f"%R~{ns}:*",), (f"&{ns}:*",),
                        f"{CONNECTION} +@read +@blocking +subscribe +psubscribe +unsubscribe "
                        "+punsubscribe -@write -@dangerous -@admin"),
@@ -64,11 +71,12 @@ def roles(namespace: str, db: int = 0) -> dict[str, Role]:
 
 def setuser_args(role: Role, user: str) -> list[str]:
     """`ACL SETUSER user ...` arguments: a fresh user (reset), on, confined to the role."""
-    return [user, "reset", "on", *role.keys, *role.channels, *role.commands.split()]
+    return [user, "reset", "on", *role.keys, *role.channels, *role.commands.split(), *role.selectors]
 
 
 def setuser_line(role: Role, user: str) -> str:
-    return f"ACL SETUSER {' '.join(setuser_args(role, user))}   # then: ACL SETUSER {user} >PASSWORD"
+    words = [f'"{word}"' if " " in word else word for word in setuser_args(role, user)]
+    return f"ACL SETUSER {' '.join(words)}   # then: ACL SETUSER {user} >PASSWORD"
 
 
 def apply_role(client: Any, role: Role, user: str, password: str) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from fleet.connection import redis_errors
-from fleet.errors import StaleTransition
+from fleet.errors import StaleTransition, TaskNotFound
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.state.keys import Keys
 
@@ -95,3 +95,14 @@ def cancel(store: TaskStore, task_id: str, why: str) -> TaskRecord:
         return store.records.get(task_id)
     announce(store.redis, store.keys, Notice.CANCEL, task_id)
     return cancelled
+
+
+def revoke(store: TaskStore, task_id: str, why: str) -> str:
+    """`celery control revoke`: cancel the task; an id with no record yet (a
+    publisher's message no consumer has taken) is marked finished instead,
+    so that no message starts it later. What was done, for the log."""
+    try:
+        return str(cancel(store, task_id, why).state)
+    except TaskNotFound:
+        store.records.forbid(task_id)
+        return "no record yet: its id is marked finished, nothing will start it"

@@ -16,8 +16,9 @@
                                        its consumers' reports; expires a day after its last heartbeat
     {ns}:host:{host}:drain      string the host is drained (since when); kept until undrained
     {ns}:broker:...                    Celery/kombu's own keys (queues, unacked messages)
-    {ns}:broker:{queue}.purged  list   messages `celery purge` took off a queue, until a consumer
-                                       has cancelled their tasks (fleet.broker.transport)
+    {ns}:purged:{queue}         list   messages `celery purge` took off a queue, until a consumer
+                                       has cancelled their tasks (fleet.broker.transport); outside
+                                       the broker's keys, which a submitter may write
     {ns}:result:celery-task-meta-{id}  string  the task's state in Celery's result-backend format,
                                        written with every change of its record (also published
                                        on the channel of that name, for `AsyncResult.get`)
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 
-PURGED_SUFFIX = ".purged"
+BROKER_PREFIX = ":broker:"
 
 
 class Keys:
@@ -91,7 +92,7 @@ class Keys:
     @property
     def broker_prefix(self) -> str:
         """kombu's `global_keyprefix`: the broker's keys live under the namespace too."""
-        return f"{self.namespace}:broker:"
+        return f"{self.namespace}{BROKER_PREFIX}"
 
     @property
     def result_prefix(self) -> str:
@@ -108,7 +109,13 @@ class Keys:
 
     def purged(self, queue_name: str) -> str:
         """Where `celery purge` puts the messages it took off a queue (fleet.broker.transport)."""
-        return f"{self.queue(queue_name)}{PURGED_SUFFIX}"
+        return f"{self.namespace}:purged:{queue_name}"
+
+    @classmethod
+    def of_broker_prefix(cls, prefix: str) -> Keys | None:
+        """The keys of the namespace whose broker prefix this is (None: not fleet's)."""
+        namespace, found, rest = prefix.rpartition(BROKER_PREFIX)
+        return cls(namespace) if found and namespace and not rest else None
 
     @property
     def unacked(self) -> str:

@@ -164,24 +164,44 @@ class TaskRecords:
         return task_id, True
 
     def adopt(self, task_id: str, agent: str, payload: Any, created_at: str | None = None,
-              signed_by: str | None = None, signature: str | None = None) -> tuple[TaskRecord, bool]:
+              signed_by: str | None = None,
+              signature: str | None = None) -> tuple[TaskRecord | None, bool]:
         """A queued record for a task a publisher sent with its payload
         (fleet.broker.message): written unless one with this id exists, which
-        is returned with False (a redelivery, or an id already used)."""
+        is returned with False (a redelivery, or an id already used). None
+        and False if a task of this id finished within `retention_s` and its
+        record is gone: an id is never run twice, nor its result replaced."""
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED,
                             created_at=created_at or now_iso(), signed_by=signed_by, signature=signature)
-        key = self.keys.task(task_id)
-        existing: list[TaskRecord] = []
+        key, finished = self.keys.task(task_id), self.keys.finished(task_id)
+        existing: list[TaskRecord | None] = []
 
         def write(pipe: Pipeline) -> None:
             if pipe.exists(key):
                 existing.append(self.get(task_id))
                 return
+            if pipe.exists(finished):
+                existing.append(None)
+                return
             pipe.multi()
             self._write_new(pipe, record, payload)
 
-        self._call(self.redis.transaction, write, key)
+        self._call(self.redis.transaction, write, key, finished)
         return (existing[0], False) if existing else (record, True)
+
+    def forbid(self, task_id: str) -> bool:
+        """Mark an id as a finished (cancelled) task's, for `retention_s`, so
+        no message can start a task under it (a revoke that came before any
+        consumer wrote the record); False if the id has a record."""
+        def write(pipe: Pipeline) -> bool:
+            if pipe.exists(self.keys.task(task_id)):
+                return False
+            pipe.multi()
+            pipe.set(self.keys.finished(task_id), State.CANCELLED, ex=self.retention_s, nx=True)
+            return True
+
+        return bool(self._call(self.redis.transaction, write, self.keys.task(task_id),
+                               value_from_callable=True))
 
     def _write_new(self, pipe: Pipeline, record: TaskRecord, payload: Any) -> None:
         task_id, now = record.id, time.time()

@@ -24,9 +24,10 @@ def failure(record: TaskRecord) -> TaskFailed:
 
 def report_outcome(task: Task[Any, Any], record: TaskRecord) -> Any:
     """End the Celery task as fleet's record stands after this message."""
-    if record.id != task.request.id:
+    if record.id != task.request.id and isinstance(task.request.id, str):
         # Its own id was unfit (fleet.record.TASK_ID): the rejection is
-        # recorded under a new one; say where, under the id its publisher holds.
+        # recorded under a new one; say where, under the id its publisher
+        # holds. (Not for an id that is no string: 12345 would name task "12345".)
         task.backend.mark_as_failure(str(task.request.id), TaskFailed(
             f"rejected: recorded as fleet task {record.id}: {record.error.message if record.error else ''}"),
             call_errbacks=False)

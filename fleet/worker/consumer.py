@@ -37,7 +37,7 @@ from fleet.forwarding.channel import ChannelForwarder
 from fleet.forwarding.exec import ExecForwarder
 from fleet.record import TaskRecord
 from fleet.settings import FleetSettings
-from fleet.state.control import cancel
+from fleet.state.control import revoke
 from fleet.state.hosts import HostRegistry
 from fleet.state.store import TaskStore
 from fleet.worker.celery_control import install_revoke
@@ -63,7 +63,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     app = make_celery(settings, host=settings.host)
-    app.conf.worker_consumer = "fleet.worker.celery_events:BatchingConsumer"
+    app.conf.worker_consumer = "fleet.worker.celery_consumer:FleetConsumer"
     manager = ContainerManager(connect(), settings)
     store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
                       settings.retention_s)
@@ -72,8 +72,8 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
     control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
     install(app, control)
-    install_revoke(lambda task_id: log.info("task %s revoked through Celery: %s", task_id, cancel(
-        store, task_id, "revoked through Celery (celery control revoke)").state))
+    install_revoke(lambda task_id: log.info("task %s revoked through Celery: %s", task_id, revoke(
+        store, task_id, "revoked through Celery (celery control revoke)")))
     tokens = TokenStore(settings)
 
     def mask(text: str) -> str:
@@ -104,8 +104,10 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
         return waiting_messages(store.redis, store.keys, queues)
 
     credentials = Credentials(tokens, breaker, alerts)
-    register_consumer(app, TaskRunner(settings, store, manager, forwarder, running, publish_again,
-                                      credentials, control.held_back, owner, condemn, user, agent))
+    runner = TaskRunner(settings, store, manager, forwarder, running, publish_again, credentials,
+                        control.held_back, owner, condemn, user, agent)
+    register_consumer(app, runner)
+    app.conf.fleet_unreadable = runner.reject_unreadable
     housekeeper = Housekeeper(store, registry, agent, owner, settings.lease_ttl_s, running, control,
                               publish_again, queue_depth, settings.lost_message_after_s)
 

@@ -184,20 +184,27 @@ class Housekeeper:
     def cancel_purged(self) -> None:
         """Record `cancelled` the queued or retrying tasks whose messages
         `celery purge` took off this agent's queues (fleet.broker.transport),
-        and forget those messages. A purged duplicate of a running task's
-        message leaves that run alone."""
+        and forget those messages. Only a task whose message belongs in that
+        queue (its agent, its pin) is cancelled; a purged duplicate of a
+        running task's message leaves that run alone."""
+        namespace = self.store.keys.namespace
         for queue in self.control.queues:
             for raw, task_id in purged_messages(self.store.redis, self.store.keys, queue):
                 if task_id is not None and task_id_problem(task_id) is None:
                     with suppress(TaskNotFound):
-                        if self.store.records.get(task_id).state in (State.QUEUED, State.RETRYING):
+                        record = self.store.records.get(task_id)
+                        if (record.state in (State.QUEUED, State.RETRYING)
+                                and queue_name(namespace, record.agent, record.pinned_host) == queue):
                             log.warning("task %s: its message was purged from %s; cancelling it",
                                         task_id, queue)
                             cancel(self.store, task_id, f"its message was purged from queue {queue}")
                 forget_purged(self.store.redis, self.store.keys, queue, raw)
 
     def reap(self) -> None:
-        self.cancel_purged()  # before the sweep below could take those tasks' messages for lost
+        try:  # before the sweep below could take those tasks' messages for lost
+            self.cancel_purged()
+        except Exception as error:  # whatever is in those lists, the reaping below goes on
+            log.error("agent %s: purged messages not dealt with: %s", self.agent, error)
         for record in self.store.records.find(agent=self.agent, state=State.RUNNING):
             if self.store.leases.owner(record.id) is None and self.store.leases.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",

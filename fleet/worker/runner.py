@@ -27,7 +27,7 @@ from fleet.credentials.signing import KeyFile
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
 from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
-from fleet.record import State, TaskRecord, payload_problem
+from fleet.record import State, TaskRecord, payload_problem, task_id_problem
 from fleet.settings import AgentSpec, FleetSettings
 from fleet.state.records import new_task_id
 from fleet.state.store import TaskStore
@@ -108,8 +108,14 @@ class TaskRunner:
         one a redelivery of it finds); None if its id is another task's."""
         if new.agent not in self.settings.agents:
             return self.reject_malformed(Malformed(new.task_id, f"unknown agent {new.agent!r:.80}"))
+        if (problem := payload_problem(new.payload, self.settings.payload_limit)) is not None:
+            return self.reject_malformed(Malformed(new.task_id, problem))  # never stored
         record, created = self.store.records.adopt(new.task_id, new.agent, new.payload, new.created_at,
                                                    new.signed_by, new.signature)
+        if record is None:
+            log.warning("a publisher's message for task %s not run: a task of that id has finished",
+                        new.task_id)
+            return None
         if created:
             self.store.events.add(record.id, "published", by="celery", queue_agent=self.agent)
             return record
@@ -119,13 +125,18 @@ class TaskRunner:
             return None
         return record  # a redelivery: its record decides
 
+    def reject_unreadable(self, message_id: Any, why: str) -> None:
+        """A message Celery itself could not read (fleet.worker.celery_consumer)."""
+        fit = isinstance(message_id, str) and task_id_problem(message_id) is None
+        self.reject_malformed(Malformed(message_id if fit else None, why))
+
     def reject_malformed(self, malformed: Malformed) -> TaskRecord | None:
         """A message fleet cannot run is recorded `rejected` with why, under its
         id (or a new one if it has none fit), never dropped unseen; an id
         another task has is left alone."""
         task_id = malformed.task_id or new_task_id()
         record, created = self.store.records.adopt(task_id, self.agent, {})
-        if not created:
+        if record is None or not created:
             log.warning("a malformed message for task %s not recorded (that task exists): %s", task_id,
                         malformed.reason)
             return None
@@ -205,8 +216,8 @@ class TaskRunner:
                                record.signed_by, record.signature)
         if refused is None and self.store.records.finished_before(record.id):
             return "it ran to its end already: its record was put back afterwards (a replay)"
-        if refused is None and signed_too_long_ago(record.created_at, self.settings.retention_s):
-            return f"it was signed more than retention_s={self.settings.retention_s} s ago"
+        if refused is None:
+            return signature_age_problem(record.created_at, self.settings.retention_s)
         return refused
 
     def attempt(self, record: TaskRecord, payload: dict[str, Any], spec: AgentSpec,
@@ -277,15 +288,24 @@ class TaskRunner:
                                                   spec, self.rng))
 
 
-def signed_too_long_ago(created_at: str, retention_s: int) -> bool:
-    """Older than a finished task's marker is kept: a replay could no longer be told."""
+CLOCK_SKEW_S = 300  # how far ahead of this host's clock a signer's may be
+
+
+def signature_age_problem(created_at: str, retention_s: int) -> str | None:
+    """Why a signed task's creation time is not acceptable (None: it is).
+    Older than a finished task's marker is kept, a replay could no longer be
+    told; a time in the future would stretch that window."""
     from datetime import UTC, datetime
 
     try:
-        created = datetime.fromisoformat(created_at)
-    except ValueError:
-        return True
-    return (datetime.now(UTC) - created).total_seconds() > retention_s
+        age = (datetime.now(UTC) - datetime.fromisoformat(created_at)).total_seconds()
+    except (ValueError, TypeError):  # not ISO 8601, or without a zone
+        return f"its created_at {created_at!r:.60} is not an ISO 8601 time with a zone"
+    if age > retention_s:
+        return f"it was signed more than retention_s={retention_s} s ago"
+    if age < -CLOCK_SKEW_S:
+        return f"it was signed {-age:.0f} s in the future (created_at {created_at!r:.60})"
+    return None
 
 
 def register_consumer(app: Celery, runner: TaskRunner) -> None:

@@ -81,6 +81,15 @@ def test_each_role_does_its_job_and_no_more(make_fleet: MakeFleet, acl_redis: Re
     submitter = redis.Redis.from_url(url(acl_redis, f"{namespace}-submitter", PASSWORDS["submitter"]))
     with pytest.raises(redis.exceptions.NoPermissionError):  # kombu's unacked: what workers restore from
         submitter.hset(f"{namespace}:broker:unacked", "tag", "garbage")
+    for forged in (  # what AsyncResult.get() and Flower believe
+            (f"{namespace}:result:celery-task-meta-{task_id}", '{"status": "SUCCESS", "result": 1}'),
+            (f"{namespace}:broker:/0.celeryev/worker.heartbeat", "{}")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            submitter.publish(*forged)
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        submitter.set(f"{namespace}:result:celery-task-meta-{task_id}", '{"status": "SUCCESS"}')
+    with pytest.raises(redis.exceptions.NoPermissionError):  # purging is an operator's job
+        submitter.rpush(f"{namespace}:purged:{namespace}.agent.dev", '{"headers": {"id": "x"}}')
     # The same commands work for a user without the role's limits: it is the role that refuses them.
     assert fleet.cli("agents", "resume", "dev").returncode == 0
     assert fleet.cli("hosts", "undrain", "testhost").returncode == 0

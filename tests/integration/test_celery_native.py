@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,21 @@ def plain_app(fleet: Fleet) -> tuple[Celery, dict[str, Any]]:
     app = Celery("plain", set_as_current=False)
     app.conf.update({key: value for key, value in config.items() if key not in ("task", "queues")})
     return app, config
+
+
+def raw_push(client: Any, config: dict[str, Any], agent: str, body: Any, task_id: str,
+             task: str = "fleet.run", **headers: Any) -> None:
+    """A message put on the agent's queue as any publisher could, kombu's envelope built by hand."""
+    envelope = {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(), "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "retries": 0,
+                    "timelimit": [None, None], **headers},
+        "properties": {"correlation_id": task_id, "delivery_mode": 2, "priority": 0,
+                       "delivery_info": {"exchange": "", "routing_key": config["queues"][agent]},
+                       "body_encoding": "base64", "delivery_tag": uuid.uuid4().hex}}
+    prefix = config["broker_transport_options"]["global_keyprefix"]
+    client.lpush(f"{prefix}{config['queues'][agent]}", json.dumps(envelope))
 
 
 class Flower:
@@ -237,6 +253,36 @@ def test_malformed_messages_are_recorded_rejected_and_a_raw_one_from_the_shell_r
             assert record.state == State.FAILED and record.error.kind == ErrorKind.REJECTED, name
     recorded_as = str(sent["unfit id"].result).split("recorded as fleet task ")[1].split(":")[0]
     assert "task id 'not:a:fleet:id'" in client.status(recorded_as).error.message
+    assert client.store.records.get_with_payload(sent["payload too big"].id)[1] == {}  # never stored
+
+    # Found in review: what Celery's own parser raises on stopped every
+    # consumer of the agent in turn; now recorded rejected, and consuming goes on.
+    redis_client = client.store.redis
+    for task_id, body in (("body-not-a-list", "hello"), ("body-too-short", [[]])):
+        raw_push(redis_client, config, "dev", body, task_id)
+        with pytest.raises(Exception, match="Celery cannot read it"):
+            app.AsyncResult(task_id).get(timeout=60)
+        assert client.status(task_id).error.kind == ErrorKind.REJECTED
+    raw_push(redis_client, config, "dev", [[], {"agent": "dev"}, {}], "unknown-name", task="tasks.add")
+    with pytest.raises(Exception):  # noqa: B017 (Celery's NotRegistered or fleet's TaskFailed: both say so)
+        app.AsyncResult("unknown-name").get(timeout=60)
+    unknown = wait_for_state(client, "unknown-name", "failed")
+    assert "task name 'tasks.add' is not fleet's" in unknown.error.message
+    # An expired message no longer puts its id in Celery's revoked set, where
+    # every later message of that task would have been discarded.
+    raw_push(redis_client, config, "dev", [["victim-1"], {"agent": "dev"}, {}], "victim-1",
+             expires="2000-01-01T00:00:00+00:00")
+    victim = app.send_task(config["task"], kwargs={"agent": "dev", "payload": {"echo": "victim"}},
+                           queue=queue, task_id="victim-1")
+    assert victim.get(timeout=60)["echo"] == "victim"
+    # A finished task's id is never run again, even once its record is gone.
+    client.store.redis.delete(client.store.keys.task("victim-1"))
+    again = app.send_task(config["task"], kwargs={"agent": "dev", "payload": {"echo": "forged"}},
+                          queue=queue, task_id="victim-1")
+    assert wait_for_state(client, client.submit("dev", {}), "succeeded")  # it was dealt with before
+    assert app.AsyncResult("victim-1").get(timeout=60)["echo"] == "victim"
+    assert not client.store.redis.exists(client.store.keys.task("victim-1"))
+    assert again.id == "victim-1"
 
     # Another language: the message built with printf and base64, pushed with redis-cli.
     done = subprocess.run(

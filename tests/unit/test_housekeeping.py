@@ -117,16 +117,29 @@ def test_tasks_whose_messages_were_purged_are_cancelled_not_published_again(
         keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
     queued, _ = store.records.create("dev", {})
     running = claimed(store)
-    for task_id in (queued, running.id, "no-such-task", "bad:id"):
+    boss, _ = store.records.create("boss", {})  # named in dev's purged list: not dev's to cancel
+    pinned_elsewhere, _ = store.records.create("dev", {}, pinned_host="h2")
+    for task_id in (queued, running.id, boss, pinned_elsewhere, "no-such-task", "bad:id"):
         store.redis.rpush(store.keys.purged("ns.agent.dev"), json.dumps({"headers": {"id": task_id}}))
     store.redis.rpush(store.keys.purged("ns.agent.dev.host.h1"), "not json")
+    store.redis.rpush(store.keys.purged("ns.agent.dev.host.h1"), "[" * 100_000 + "]" * 100_000)
     keeper.reap()
     record = store.records.get(queued)
     assert record.state == State.CANCELLED and record.error is not None
     assert "purged from queue ns.agent.dev" in record.error.message
     assert store.records.get(running.id).state == State.RUNNING  # a duplicate's purge ends no run
+    assert store.records.get(boss).state == store.records.get(pinned_elsewhere).state == State.QUEUED
     assert not store.redis.exists(*(store.keys.purged(q) for q in FakeControl.queues))
     assert republished.calls == []
+
+
+def test_garbage_where_purged_messages_go_stops_no_reaping(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    store.redis.set(store.keys.purged("ns.agent.dev"), "not a list")
+    lost = claimed(store, owner="gone", ttl_s=0.001)
+    keeper.reap()
+    assert [call.task_id for call in republished.calls] == [lost.id]
+    assert not store.redis.exists(store.keys.purged("ns.agent.dev"))
 
 
 def test_reap_leaves_a_task_with_a_live_lease_alone(

@@ -130,3 +130,17 @@ def test_a_key_file_must_be_a_file_of_its_own_not_a_link(tmp_path: Path) -> None
     os.chown(real, 65534, 65534)  # another user's (nobody): not a key this worker takes
     with pytest.raises(ConfigError, match="must be a file of root's or of this user's"):
         SigningKeys.load(real)
+
+
+def test_a_signed_tasks_creation_time_must_be_zoned_recent_and_not_ahead() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from fleet.worker.runner import signature_age_problem
+
+    now = datetime.now(UTC)
+    assert signature_age_problem(now.isoformat(), 3600) is None
+    old = (now - timedelta(hours=2)).isoformat()
+    assert "more than retention_s=3600" in str(signature_age_problem(old, 3600))
+    assert "in the future" in str(signature_age_problem((now + timedelta(days=30)).isoformat(), 3600))
+    for bad in ("2026-11-30T11:53:41", "garbage"):  # no zone: a TypeError once, and the task looped
+        assert "not an ISO 8601 time with a zone" in str(signature_age_problem(bad, 3600))

@@ -93,6 +93,18 @@ def test_adopting_a_publishers_task_writes_it_once(store: TaskStore) -> None:
     assert store.records.get_with_payload("job-1")[1] == {"x": 1}
 
 
+def test_a_finished_or_revoked_id_is_never_adopted_again(store: TaskStore) -> None:
+    record, _ = store.records.adopt("job-2", "dev", {})
+    assert record is not None
+    store.records.transition("job-2", State.CANCELLED, finished_at="2026-11-30T00:00:00Z")
+    store.redis.delete(store.keys.task("job-2"))  # whoever may delete records
+    assert store.records.adopt("job-2", "dev", {"forged": 1}) == (None, False)
+    assert store.records.forbid("job-3")  # revoked before any consumer wrote its record
+    assert store.records.adopt("job-3", "dev", {}) == (None, False)
+    store.records.adopt("job-4", "dev", {})
+    assert not store.records.forbid("job-4")  # it has a record: cancel it instead
+
+
 def test_unknown_task(store: TaskStore) -> None:
     with pytest.raises(TaskNotFound, match="no task 'nope'"):
         store.records.get("nope")
