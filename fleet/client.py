@@ -5,6 +5,7 @@ and imports Celery only when it first publishes."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -108,31 +109,62 @@ class FleetClient:
         return self.store.records.get(task_id)
 
     def wait(self, task_id: str, timeout: float | None = None) -> TaskRecord:
-        """Block on the task's event stream until it is final."""
+        """Block until the task is final; its record."""
+        return next(self.as_completed([task_id], timeout))
+
+    def wait_many(self, task_ids: Iterable[str], timeout: float | None = None) -> list[TaskRecord]:
+        """Block until every task is final; their records, in the order given."""
+        ids = list(task_ids)
+        done = {record.id: record for record in self.as_completed(ids, timeout)}
+        return [done[task_id] for task_id in ids]
+
+    def as_completed(self, task_ids: Iterable[str], timeout: float | None = None) -> Iterator[TaskRecord]:
+        """Each task's final record as it ends, the first to end first.
+
+        All of them are followed at once: one blocking read of all their
+        event streams at a time, on one connection, no thread per task. A
+        record is read again only when its stream says it may have become
+        final (or after a quiet spell). WaitTimeout if any is not final
+        within `timeout` seconds; TaskNotFound at once for an unknown id."""
+        pending = list(dict.fromkeys(task_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
-        key = self.store.keys.events(task_id)
-        cursor = self.store.events.last_id(key)  # before the read: no event is missed between
-        record = self.store.records.get(task_id)
-        if record.state.final:
-            return record
-        for batch in self.store.events.follow(key, cursor, block_ms=BLOCK_MS, deadline=deadline):
-            # Read the record again only when it may have become final (or
-            # after a quiet spell): output and `running` events do not end it.
-            if not batch or any(e.type == "state" and State(e.fields["state"]).final for e in batch):
-                record = self.store.records.get(task_id)
-                if record.state.final:
-                    return record
-        raise WaitTimeout(task_id, timeout or 0)
+        events = self.store.events
+        # The cursors come before the records are read: no event is missed between.
+        last = events.last_ids([self.store.keys.events(i) for i in pending])
+        cursors = {i: last[self.store.keys.events(i)] for i in pending}
+        maybe_final = pending
+        while True:
+            ended = [r for r in self.store.records.many(maybe_final) if r.state.final] if maybe_final else []
+            for record in sorted(ended, key=lambda r: r.finished_at or ""):
+                pending.remove(record.id)
+                del cursors[record.id]
+                yield record
+            if not pending:
+                return
+            block_ms = BLOCK_MS
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
+                    raise WaitTimeout(", ".join(pending[:3]) + more, timeout or 0)
+                block_ms = max(1, min(block_ms, int(remaining * 1000)))
+            arrived = events.wait_any(cursors, block_ms)
+            maybe_final = [i for i, batch in arrived.items()
+                           if any(e.type == "state" and State(e.fields["state"]).final for e in batch)]
+            if not arrived:
+                maybe_final = list(pending)  # a quiet spell: look at the records themselves
 
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued, retrying or running task; a finished one is
         returned unchanged."""
         return cancel(self.store, task_id, "cancelled by request")
 
-    def tasks(self, agent: str | None = None, state: State | str | None = None) -> list[TaskRecord]:
+    def tasks(self, agent: str | None = None, state: State | str | None = None,
+              limit: int = 1000) -> list[TaskRecord]:
+        """The newest `limit` tasks matching the filters, newest first."""
         if agent is not None:
             self.settings.agent(agent)
-        return self.store.records.find(agent=agent, state=State(state) if state else None)
+        return self.store.records.find(agent=agent, state=State(state) if state else None, limit=limit)
 
     def resume(self, agent: str, why: str) -> bool:
         """Close the agent's breaker on every host; False if it was not open."""

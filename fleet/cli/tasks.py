@@ -80,11 +80,13 @@ def wait(ctx: Context, task_id: str, timeout: float | None) -> None:
 @click.command()
 @click.option("--agent")
 @click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many, the newest.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_context
-def tasks(ctx: Context, agent: str | None, state: str | None, as_json: bool) -> None:
+def tasks(ctx: Context, agent: str | None, state: str | None, limit: int, as_json: bool) -> None:
     """List tasks, newest first."""
-    records = ctx.client.tasks(agent=agent, state=state)
+    records = ctx.client.tasks(agent=agent, state=state, limit=limit)
     if as_json:
         click.echo(json.dumps([r.model_dump(mode="json", exclude={"key"}) for r in records]))
         return

@@ -83,20 +83,30 @@ class EventStreams:
         for batch in self.follow(self.keys.events(task_id)):
             yield from (event for event in batch if event.type == "output")
 
-    def wait_any(self, cursors: dict[str, str], block_ms: int) -> None:
+    def wait_any(self, cursors: dict[str, str], block_ms: int) -> dict[str, list[Event]]:
         """Block until any of these tasks (id → last event id seen) has a new
-        event, or block_ms passes; advances the cursors."""
+        event, or block_ms passes: one read of all their streams, on one
+        connection. Advances the cursors; the new events by task id."""
         streams: dict[Any, Any] = {self.keys.events(i): c for i, c in cursors.items()}
         by_key = {self.keys.events(i): i for i in cursors}
         with redis_errors():
             reply: Any = self.redis.xread(streams, block=block_ms)
+        arrived = {}
         for key, entries in reply or []:
             cursors[by_key[key]] = entries[-1][0]
+            arrived[by_key[key]] = [Event(i, f) for i, f in entries]
+        return arrived
 
     def last_id(self, key: str) -> str:
-        with redis_errors():
-            rows: Any = self.redis.xrevrange(key, "+", "-", 1)
-        return str(rows[0][0]) if rows else "0-0"
+        return self.last_ids([key])[key]
+
+    def last_ids(self, keys: list[str]) -> dict[str, str]:
+        """The id of each stream's newest event ("0-0" for none), in one round trip."""
+        with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xrevrange(key, "+", "-", 1)
+            rows: Any = pipe.execute()
+        return {key: str(row[0][0]) if row else "0-0" for key, row in zip(keys, rows, strict=True)}
 
     # -- writing -------------------------------------------------------------
 

@@ -63,6 +63,14 @@ class TaskRecords:
             raise TaskNotFound(task_id)
         return record
 
+    def many(self, task_ids: list[str]) -> list[TaskRecord]:
+        """The records of these tasks, in one round trip; TaskNotFound for the first missing."""
+        records = self._records(task_ids)
+        for task_id, record in zip(task_ids, records, strict=True):
+            if record is None:
+                raise TaskNotFound(task_id)
+        return [r for r in records if r is not None]
+
     def get_with_payload(self, task_id: str) -> tuple[TaskRecord, dict[str, Any]]:
         """The record and its payload, in one read."""
         raw = self._call(self.redis.hgetall, self.keys.task(task_id))
@@ -72,16 +80,22 @@ class TaskRecords:
         return decode_record(raw), payload
 
     def find(self, agent: str | None = None, state: State | None = None,
-                   limit: int = 1000) -> list[TaskRecord]:
-        """Newest first. Index entries whose record has expired are pruned."""
-        if state is not None:
-            index = self.keys.by_state(state)
-        elif agent is not None:
-            index = self.keys.by_agent(agent)
-        else:
+             limit: int = 1000) -> list[TaskRecord]:
+        """The newest `limit` tasks matching both filters, newest first (by
+        creation with an agent, by entry into the state without one). With
+        both, the two indexes are intersected in Redis, so no match is
+        missed however many tasks the state holds for other agents. Index
+        entries whose record has expired are pruned."""
+        if state is not None and agent is not None:
             index = None
-        ids = self._all_ids(limit) if index is None else self._call(
-            self.redis.zrevrange, index, 0, limit - 1)
+            weights = {self.keys.by_agent(agent): 1, self.keys.by_state(state): 0}  # creation time
+            scored = self._call(self.redis.zinter, weights, withscores=True)
+            ids = [task_id for task_id, _ in sorted(scored, key=lambda pair: pair[1], reverse=True)[:limit]]
+        elif state is not None or agent is not None:
+            index = self.keys.by_state(state) if state is not None else self.keys.by_agent(str(agent))
+            ids = self._call(self.redis.zrevrange, index, 0, limit - 1)
+        else:
+            index, ids = None, self._all_ids(limit)
         records = []
         for task_id, record in zip(ids, self._records(ids), strict=True):
             if record is None:

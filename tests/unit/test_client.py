@@ -145,14 +145,14 @@ def test_wait_returns_once_another_thread_finishes_the_task(
     task_id = client.submit("dev", {})
     records = client.store.records
     looked = threading.Event()
-    get = records.get
+    many = records.many
 
-    def get_and_tell(task_id: str) -> TaskRecord:
-        record = get(task_id)
+    def many_and_tell(task_ids: list[str]) -> list[TaskRecord]:
+        found = many(task_ids)
         looked.set()
-        return record
+        return found
 
-    monkeypatch.setattr(records, "get", get_and_tell)
+    monkeypatch.setattr(records, "many", many_and_tell)
 
     def finish() -> None:
         looked.wait(WAIT_S)  # wait() has read the record (still queued): it now follows the stream
@@ -176,3 +176,37 @@ def test_wait_on_a_final_task_returns_at_once(client: FleetClient) -> None:
     task_id = client.submit("dev", {})
     client.cancel(task_id)
     assert client.wait(task_id, timeout=0.01).state == State.CANCELLED
+
+
+def finish(client: FleetClient, task_id: str, state: State = State.SUCCEEDED) -> None:
+    client.store.records.transition(task_id, State.RUNNING)
+    client.store.records.transition(task_id, state, result={"id": task_id})
+
+
+def test_as_completed_yields_each_task_as_it_ends_and_wait_many_keeps_the_order(client: FleetClient) -> None:
+    ids = [client.submit("dev", {"n": n}) for n in range(4)]
+    finish(client, ids[3])  # final before anyone waits: yielded first
+    order = [ids[1], ids[0], ids[2]]
+    started = threading.Event()
+
+    def finish_in_order() -> None:
+        started.wait(WAIT_S)
+        for task_id in order:
+            finish(client, task_id, State.FAILED if task_id == ids[0] else State.SUCCEEDED)
+
+    threading.Thread(target=finish_in_order, daemon=True).start()
+    seen = []
+    for record in client.as_completed(ids, timeout=WAIT_S):
+        seen.append(record.id)
+        started.set()
+    assert seen == [ids[3], *order]
+    assert [r.id for r in client.wait_many(reversed(ids), timeout=WAIT_S)] == list(reversed(ids))
+
+
+def test_as_completed_times_out_naming_what_is_not_final(client: FleetClient) -> None:
+    done, *waiting = [client.submit("dev", {}) for _ in range(5)]
+    finish(client, done)
+    records = client.as_completed([done, *waiting], timeout=0.3)
+    assert next(records).id == done
+    with pytest.raises(WaitTimeout, match=f"{waiting[0]}.* and 1 more is not final after 0.3 s"):
+        next(records)

@@ -1,0 +1,64 @@
+"""What an orchestrator needs from fleet, on a real Redis and engine:
+hearing when many tasks end without a thread or a poll each."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+from datetime import datetime
+
+from support import MakeFleet
+
+from fleet.record import State
+
+
+def test_as_completed_follows_200_tasks_on_one_connection_without_a_thread_each(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {"concurrency": 2}})
+    fleet.start_worker().wait_for_line(" ready.")
+    client = fleet.client()
+    ids = [client.submit("dev", {"echo": str(n)}) for n in range(200)]
+    pool = client.store.redis.connection_pool
+    threads = threading.active_count()
+    yielded_at: dict[str, float] = {}
+    finished_at: dict[str, float] = {}
+    most_threads, most_connections = threads, 0
+    for record in client.as_completed(ids, timeout=300):
+        yielded_at[record.id] = time.time()
+        assert record.state == State.SUCCEEDED and record.finished_at is not None
+        finished_at[record.id] = datetime.fromisoformat(record.finished_at).timestamp()
+        most_threads = max(most_threads, threading.active_count())
+        connections = len(pool._available_connections) + len(pool._in_use_connections)
+        most_connections = max(most_connections, connections)
+    assert sorted(yielded_at) == sorted(ids)
+    assert most_threads == threads  # no thread per task, nor any at all
+    assert most_connections == 1  # every read of all 200 streams on the one connection
+    latency = sorted((yielded_at[i] - finished_at[i]) * 1000 for i in ids)
+    assert latency[0] > -5  # none before it ended (finished_at: milliseconds, this host's clock)
+    print(f"end of task → as_completed: p50 {statistics.median(latency):.1f} ms, "
+          f"p95 {latency[int(0.95 * len(latency))]:.1f} ms")
+
+
+def test_the_agent_and_state_filters_together_miss_no_task_among_3000(make_fleet: MakeFleet) -> None:
+    """Found in the issue: `--agent` with `--state` filtered the newest 1,000
+    of that state across all agents, so it missed tasks."""
+    fleet = make_fleet({"dev": {}, "boss": {}})
+    records = fleet.client().store.records
+    made: dict[str, list[str]] = {"dev": [], "boss": []}
+    for n in range(3000):  # the newest 2,000 queued are boss's: dev's queued ones are older
+        agent = "dev" if n < 1000 else "boss"
+        made[agent].append(records.create(agent, {})[0])
+    failed = made["dev"][::10]
+    for task_id in failed:
+        records.transition(task_id, State.FAILED, finished_at="2026-11-30T00:00:00+00:00")
+    queued_dev = [t for t in made["dev"] if t not in set(failed)]
+
+    listed = fleet.cli("tasks", "--agent", "dev", "--state", "queued", "--limit", "5000", "--json")
+    assert listed.returncode == 0, listed.stderr
+    found = [task["id"] for task in json.loads(listed.stdout)]
+    assert found == list(reversed(queued_dev))  # every one, newest first
+    newest = fleet.client().tasks(agent="dev", state="failed", limit=5)
+    assert [r.id for r in newest] == list(reversed(failed))[:5]
+    assert len(fleet.client().tasks(state="queued", limit=5000)) == 2900
