@@ -28,6 +28,8 @@ from fleet.state.store import TaskStore
 if TYPE_CHECKING:
     from celery import Celery
 
+BULK_LIMIT = 1_000_000  # what a bulk operation reads at most: every task a fleet keeps
+
 
 class FleetClient:
     def __init__(self, settings: FleetSettings, redis_client: redis.Redis | None = None) -> None:
@@ -158,6 +160,28 @@ class FleetClient:
         """Cancel a queued, retrying or running task; a finished one is
         returned unchanged."""
         return cancel(self.store, task_id, "cancelled by request")
+
+    def retry(self, task_id: str) -> TaskRecord:
+        """Run a finished task again: a new attempt under the same id, its
+        previous outcome cleared (the events keep it). An operator's job:
+        it removes the worker's mark that the task finished."""
+        from fleet.broker.publish import publish
+
+        before = self.store.records.get(task_id)
+        if not before.state.final:
+            raise UsageError(f"task {task_id} is {before.state}: only a finished task can be retried")
+        record = self.store.records.reopen(task_id)
+        self.store.events.add(task_id, "retry_requested", previous=str(before.state),
+                              attempt=str(record.attempts + 1))
+        publish(self.app, self.settings, task_id, record.agent, attempt=record.attempts + 1,
+                host=record.pinned_host)
+        return record
+
+    def cancel_many(self, agent: str | None = None, state: State | str | None = None) -> list[str]:
+        """Cancel every task matching the filters (queued, retrying or
+        running ones; finished ones are left as they are); their ids."""
+        matching = [r.id for r in self.tasks(agent, state, limit=BULK_LIMIT) if not r.state.final]
+        return [task_id for task_id in matching if self.cancel(task_id).state == State.CANCELLED]
 
     def tasks(self, agent: str | None = None, state: State | str | None = None,
               limit: int = 1000) -> list[TaskRecord]:

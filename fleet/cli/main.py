@@ -24,7 +24,7 @@ def cli() -> None:
     """Run autonomous coding agents, each in its own isolated container."""
 
 
-for command in (tasks.submit, tasks.status, tasks.wait, tasks.tasks, tasks.logs, tasks.cancel,
+for command in (tasks.submit, tasks.status, tasks.wait, tasks.tasks, tasks.logs, tasks.cancel, tasks.retry,
                 tasks.publisher_config,
                 operate.agents, operate.hosts, operate.tokens, operate.alerts,
                 host.worker, host.image, host.audit, host.doctor, host.demo, host.bench, host.acl):

@@ -1,4 +1,4 @@
-"""Commands on tasks: submit, status, wait, tasks, logs, cancel, and what a
+"""Commands on tasks: submit, status, wait, tasks, logs, cancel, retry, and what a
 plain Celery publisher needs to submit them (publisher-config)."""
 
 from __future__ import annotations
@@ -114,16 +114,47 @@ def logs(ctx: Context, task_id: str, follow: bool) -> None:
 
 
 @click.command()
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--agent", help="Cancel every unfinished task of this agent (with --yes).")
+@click.option("--state", type=click.Choice([s.value for s in State if not s.final]),
+              help="Only those in this state (with --yes).")
+@click.option("--yes", is_flag=True, help="Do cancel the tasks --agent/--state match.")
 @pass_context
-def cancel(ctx: Context, task_id: str) -> None:
-    """Cancel a queued or running task."""
+def cancel(ctx: Context, task_id: str | None, agent: str | None, state: str | None, yes: bool) -> None:
+    """Cancel a queued, retrying or running task; or, with --agent and/or
+    --state and --yes, every task they match."""
+    if task_id is None:
+        cancel_many(ctx, agent, state, yes)
+        return
+    if agent or state:
+        raise UsageError("give a task id, or --agent/--state, not both")
     before = ctx.client.status(task_id)
     if before.state.final:
         click.echo(f"task {task_id} is already {before.state}; nothing changed")
         return
     ctx.client.cancel(task_id)
     click.echo(f"task {task_id} cancelled (was {before.state})")
+
+
+def cancel_many(ctx: Context, agent: str | None, state: str | None, yes: bool) -> None:
+    if agent is None and state is None:
+        raise UsageError("give a task id, or --agent and/or --state to cancel in bulk")
+    if not yes:
+        from fleet.client import BULK_LIMIT
+
+        matching = [r for r in ctx.client.tasks(agent, state, limit=BULK_LIMIT) if not r.state.final]
+        raise UsageError(f"this would cancel {len(matching)} task(s); add --yes to do it")
+    cancelled = ctx.client.cancel_many(agent, state)
+    click.echo(f"cancelled {len(cancelled)} task(s)")
+
+
+@click.command()
+@click.argument("task_id")
+@pass_context
+def retry(ctx: Context, task_id: str) -> None:
+    """Run a finished task again, as a new attempt under the same id."""
+    record = ctx.client.retry(task_id)
+    click.echo(f"task {task_id} queued again as attempt {record.attempts + 1}")
 
 
 @click.command("publisher-config")

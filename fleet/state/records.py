@@ -203,6 +203,13 @@ class TaskRecords:
         self._call(self.redis.transaction, write, key, finished)
         return (existing[0], False) if existing else (record, True)
 
+    def reopen(self, task_id: str) -> TaskRecord:
+        """A finished task queued again for a new attempt under the same id
+        (`fleet retry`): its outcome cleared, its finished mark and Celery
+        result removed, its record kept again. StaleTransition unless final."""
+        return self.transition(task_id, State.QUEUED, reopen=True, require=None, error=None, result=None,
+                               exit_code=None, finished_at=None, retry_at=None)
+
     def forbid(self, task_id: str) -> bool:
         """Mark an id as a finished (cancelled) task's, for `retention_s`, so
         no message can start a task under it (a revoke that came before any
@@ -230,7 +237,7 @@ class TaskRecords:
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
                    epoch: int | None = None, lease: tuple[str, int] | None = None,
                    current: TaskRecord | None = None, require: State | None = None,
-                   **fields: Any) -> TaskRecord:
+                   reopen: bool = False, **fields: Any) -> TaskRecord:
         """Move a task to `to`, checking the move is allowed, and set fields.
 
         `update` computes fields from the current record (e.g. attempts + 1).
@@ -240,6 +247,7 @@ class TaskRecords:
         it unless the task is in that state. `lease` (owner,
         ms) sets the attempt's lease in the same write. `current` is the
         caller's fresh read of the record, which saves reading it again.
+        `reopen` allows a final task back to `queued` (see `reopen`).
 
         The writes apply only if the record is still at the revision they
         were computed from (one Lua call); if it changed meanwhile, the
@@ -253,7 +261,8 @@ class TaskRecords:
             try:
                 if require is not None and current.state != require:
                     raise StaleTransition(f"task {task_id} is {current.state}, no longer {require}")
-                record, commands = self._transition_writes(current, to, update, epoch, lease, fields)
+                record, commands = self._transition_writes(current, to, update, epoch, lease, fields,
+                                                           reopen)
             except StaleTransition:
                 if trusted:
                     raise
@@ -269,11 +278,12 @@ class TaskRecords:
 
     def _transition_writes(self, current: TaskRecord, to: State,
                            update: Callable[[TaskRecord], dict[str, Any]] | None, epoch: int | None,
-                           lease: tuple[str, int] | None,
-                           fields: dict[str, Any]) -> tuple[TaskRecord, list[str]]:
+                           lease: tuple[str, int] | None, fields: dict[str, Any],
+                           reopen: bool = False) -> tuple[TaskRecord, list[str]]:
         """The record after the move and the commands that write it."""
         task_id = current.id
-        if to not in TRANSITIONS[current.state]:
+        reopening = reopen and current.state.final and to == State.QUEUED
+        if to not in TRANSITIONS[current.state] and not reopening:
             raise StaleTransition(f"task {task_id} is {current.state}, cannot become {to}")
         if epoch is not None and current.attempts != epoch:
             raise StaleTransition(f"task {task_id} is on attempt {current.attempts}; "
@@ -283,6 +293,10 @@ class TaskRecords:
         record = current.model_copy(update=changes)
         now = time.time()
         with self.redis.pipeline(transaction=False) as pipe:  # collects the commands, sends nothing
+            if reopening:  # first: a client that may not write the marks is refused before any write
+                pipe.delete(self.keys.finished(task_id), self.keys.celery_result(task_id))
+                pipe.persist(self.keys.task(task_id))
+                pipe.persist(self.keys.events(task_id))
             if lease is not None:
                 pipe.set(self.keys.lease(task_id), f"{lease[0]}|{record.attempts}", px=lease[1])
             pipe.hset(self.keys.task(task_id), mapping=encode_record(record))

@@ -62,3 +62,33 @@ def test_the_agent_and_state_filters_together_miss_no_task_among_3000(make_fleet
     newest = fleet.client().tasks(agent="dev", state="failed", limit=5)
     assert [r.id for r in newest] == list(reversed(failed))[:5]
     assert len(fleet.client().tasks(state="queued", limit=5000)) == 2900
+
+
+def test_a_finished_task_is_retried_under_its_id_and_a_batch_is_cancelled(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}, "boss": {}})
+    fleet.start_worker().wait_for_line(" ready.", count=2)
+    client = fleet.client()
+    task_id = client.submit("dev", {"exit": 1, "fail_until_attempt": 2})
+    assert client.wait(task_id, 60).state == State.FAILED
+    running = client.submit("dev", {"sleep": 30})
+    refused = fleet.cli("retry", running)
+    assert refused.returncode == 2 and "only a finished task can be retried" in refused.stderr
+    client.cancel(running)
+    done = fleet.cli("retry", task_id)
+    assert done.returncode == 0 and "queued again as attempt 2" in done.stdout, done.stderr
+    record = client.wait(task_id, 60)
+    assert (record.state, record.attempts, record.error) == (State.SUCCEEDED, 2, None)
+    kinds = [e.type for e in client.store.events.of_task(task_id)]
+    assert "retry_requested" in kinds and kinds.count("state") >= 6  # both attempts' history kept
+
+    assert fleet.cli("hosts", "drain", "testhost", "--wait", "--timeout", "60").returncode == 0
+    batch = [client.submit("dev", {"echo": str(n)}) for n in range(5)]
+    other = client.submit("boss", {"echo": "not in the batch"})
+    asked = fleet.cli("cancel", "--agent", "dev", "--state", "queued")
+    assert asked.returncode == 2 and "would cancel 5 task(s); add --yes" in asked.stderr
+    done = fleet.cli("cancel", "--agent", "dev", "--state", "queued", "--yes")
+    assert done.returncode == 0 and "cancelled 5 task(s)" in done.stdout, done.stderr
+    assert fleet.cli("hosts", "undrain", "testhost").returncode == 0
+    assert client.wait(other, 60).state == State.SUCCEEDED
+    assert [r.state for r in client.wait_many(batch, 10)] == [State.CANCELLED] * 5
+    assert all(client.status(t).attempts == 0 for t in batch)
