@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,21 @@ if TYPE_CHECKING:
     from celery import Celery
 
 BULK_LIMIT = 1_000_000  # what a bulk operation reads at most: every task a fleet keeps
+
+
+def scheduled_time(eta: datetime | None, countdown: float | None) -> float | None:
+    """When a task is due (epoch seconds), None for at once."""
+    if eta is not None and countdown is not None:
+        raise UsageError("give eta or countdown, not both")
+    if eta is not None:
+        if eta.tzinfo is None:
+            raise UsageError(f"eta {eta.isoformat()} has no time zone (e.g. {eta.isoformat()}+00:00)")
+        return eta.timestamp() if eta.timestamp() > time.time() else None
+    if countdown is not None:
+        if countdown < 0:
+            raise UsageError(f"countdown must not be negative, not {countdown:g}")
+        return time.time() + countdown if countdown > 0 else None
+    return None
 
 
 class FleetClient:
@@ -70,19 +86,25 @@ class FleetClient:
                              f"(it serves: {', '.join(served)})")
 
     def submit(self, agent: str, payload: dict[str, Any], key: str | None = None,
-               host: str | None = None) -> str:
+               host: str | None = None, eta: datetime | None = None,
+               countdown: float | None = None) -> str:
         """Queue a task for `agent`; returns its id. With `host`, the task
         runs only on that host (its pinned queue there), retries included. A
-        key already used returns that task's id and publishes nothing."""
+        key already used returns that task's id and publishes nothing. With
+        `eta` (a zoned datetime) or `countdown` (seconds) it is `scheduled`
+        until then: a consumer of the agent queues it when its time has come
+        (within a third of `lease_ttl_s`); it can be cancelled meanwhile."""
         self.settings.agent(agent)
         self.check_payload(payload)
         if host is not None:
             self.check_host(agent, host)
+        run_at = scheduled_time(eta, countdown)
         signer = self.signing_keys.sign if self.signing_keys else None
-        task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer)
+        task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer,
+                                                     run_at=run_at)
         if not created and self.signing_keys is not None:
             self.check_signed_by_us(task_id, key or "")
-        if created:
+        if created and run_at is None:
             import kombu.exceptions
 
             from fleet.broker.publish import publish

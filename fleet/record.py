@@ -39,6 +39,7 @@ class TaskRecord(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     retry_at: str | None = None  # when a `retrying` task is due to run again
+    run_at: str | None = None  # when a `scheduled` task is due to be queued
     key: str | None = None
     signed_by: str | None = None  # the id of the key that signed it (signing_key_file)
     signature: str | None = None

@@ -7,6 +7,7 @@ from enum import StrEnum
 
 
 class State(StrEnum):
+    SCHEDULED = "scheduled"  # waits for its time (`submit --at/--in`); no message yet
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"

@@ -21,7 +21,7 @@ from fleet.state.hosts import HostStatus
 if TYPE_CHECKING:
     from fleet.client import FleetClient
 
-STATE_STYLES = {"queued": "cyan", "running": "yellow", "retrying": "magenta",
+STATE_STYLES = {"scheduled": "blue", "queued": "cyan", "running": "yellow", "retrying": "magenta",
                 "succeeded": "green", "failed": "red", "cancelled": "dim"}
 
 

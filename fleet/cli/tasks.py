@@ -4,7 +4,9 @@ plain Celery publisher needs to submit them (publisher-config)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,30 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
     return value
 
 
+DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d)")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def when(at: str | None, in_: str | None) -> tuple[datetime | None, float | None]:
+    """--at and --in as the client's eta and countdown."""
+    if at is not None and in_ is not None:
+        raise UsageError("give --at or --in, not both")
+    if at is not None:
+        try:
+            eta = datetime.fromisoformat(at)
+        except ValueError:
+            raise UsageError(f"--at {at!r} is not an ISO 8601 time (2026-12-01T09:00:00+00:00)") from None
+        if eta.tzinfo is None:
+            raise UsageError(f"--at {at!r} has no time zone (add +00:00 or Z)")
+        return eta, None
+    if in_ is not None:
+        match = DURATION.fullmatch(in_.strip())
+        if match is None:
+            raise UsageError(f"--in {in_!r} is not a duration like 90s, 10m, 2h or 1d")
+        return None, float(match.group(1)) * UNIT_S[match.group(2)]
+    return None, None
+
+
 @click.command()
 @click.argument("agent")
 @click.option("--payload", help="The task's payload, a JSON object.")
@@ -43,12 +69,16 @@ def read_payload(payload: str | None, payload_file: Path | None) -> dict[str, An
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the task; exit 0 only if it succeeded.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to wait.")
 @click.option("--host", help="Run it only on this host (e.g. for its state volume there).")
+@click.option("--at", "at", help="Run it at this time (ISO 8601 with a zone): scheduled until then.")
+@click.option("--in", "in_", help="Run it after this long (90s, 10m, 2h, 1d): scheduled until then.")
 @pass_context
 def submit(ctx: Context, agent: str, payload: str | None, payload_file: Path | None,
-           key: str | None, wait_: bool, timeout: float | None, host: str | None) -> None:
+           key: str | None, wait_: bool, timeout: float | None, host: str | None,
+           at: str | None, in_: str | None) -> None:
     """Publish a task for AGENT and print its id."""
     body = read_payload(payload, payload_file)
-    task_id = ctx.client.submit(agent, body, key=key, host=host)
+    eta, countdown = when(at, in_)
+    task_id = ctx.client.submit(agent, body, key=key, host=host, eta=eta, countdown=countdown)
     if not wait_:
         click.echo(task_id)
         return

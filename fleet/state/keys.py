@@ -4,6 +4,7 @@
     {ns}:task:{id}:events       stream state transitions and output chunks, capped
     {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
+    {ns}:index:schedule:{agent} zset   the agent's `scheduled` task ids, scored by when they are due
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
     {ns}:lease:{id}             string "<owner>|<attempt>" while an attempt runs; expires unless renewed
     {ns}:republishing:{id}      string a consumer is publishing a lost message of a queued task again
@@ -49,6 +50,9 @@ class Keys:
 
     def by_state(self, state: str) -> str:
         return f"{self.namespace}:index:state:{state}"
+
+    def schedule(self, agent: str) -> str:
+        return f"{self.namespace}:index:schedule:{agent}"
 
     def finished(self, task_id: str) -> str:
         """Set by a worker when the task reaches a final state, for as long as

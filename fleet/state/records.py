@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -34,6 +35,7 @@ RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revis
 Signer = Callable[[str, str, str | None, dict[str, Any], str], tuple[str, str]]
 
 TRANSITIONS: dict[State, frozenset[State]] = {
+    State.SCHEDULED: frozenset({State.QUEUED, State.CANCELLED}),
     State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
     State.RUNNING: frozenset({State.SUCCEEDED, State.FAILED, State.RETRYING, State.CANCELLED}),
     State.RETRYING: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),
@@ -155,10 +157,12 @@ class TaskRecords:
         return bool(self._call(self.redis.exists, self.keys.finished(task_id)))
 
     def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
-               pinned_host: str | None = None, signer: Signer | None = None) -> tuple[str, bool]:
-        """A new queued record (signed by `signer`, if given). With an
-        idempotency key already used, the existing task's id and False
-        (nothing is written)."""
+               pinned_host: str | None = None, signer: Signer | None = None,
+               run_at: float | None = None) -> tuple[str, bool]:
+        """A new queued record (signed by `signer`, if given), or with
+        `run_at` (epoch seconds) a `scheduled` one in its agent's schedule.
+        With an idempotency key already used, the existing task's id and
+        False (nothing is written)."""
         task_id = new_task_id()
         if key is not None:
             claimed = self._call(self.redis.set, self.keys.idempotency(key), task_id, nx=True)
@@ -166,16 +170,28 @@ class TaskRecords:
                 existing = self._call(self.redis.get, self.keys.idempotency(key))
                 if existing is not None:
                     return str(existing), False
-                return self.create(agent, payload, key, pinned_host, signer)  # expired between the calls
+                return self.create(agent, payload, key, pinned_host, signer, run_at)  # expired between
         created_at = now_iso()
         signed_by, signature = (signer(task_id, agent, pinned_host, payload, created_at) if signer
                                 else (None, None))
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=created_at,
                             key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature)
+        if run_at is not None:
+            due = datetime.fromtimestamp(run_at, UTC).isoformat(timespec="milliseconds")
+            record = record.model_copy(update={"state": State.SCHEDULED, "run_at": due})
         with self.redis.pipeline(transaction=True) as pipe:
             self._write_new(pipe, record, payload)
+            if run_at is not None:
+                pipe.zadd(self.keys.schedule(agent), {task_id: run_at})
             self._call(pipe.execute)
         return task_id, True
+
+    def due(self, agent: str, now: float, limit: int = 100) -> list[str]:
+        """The agent's scheduled tasks whose time has come, soonest first."""
+        return list(self._call(self.redis.zrangebyscore, self.keys.schedule(agent), 0, now, 0, limit))
+
+    def unschedule(self, agent: str, task_id: str) -> None:
+        self._call(self.redis.zrem, self.keys.schedule(agent), task_id)
 
     def adopt(self, task_id: str, agent: str, payload: Any, created_at: str | None = None,
               signed_by: str | None = None,
@@ -229,8 +245,8 @@ class TaskRecords:
         pipe.hset(self.keys.task(task_id), mapping={**encode_record(record),
                                                      "payload": json.dumps(payload)})
         pipe.zadd(self.keys.by_agent(record.agent), {task_id: now})
-        pipe.zadd(self.keys.by_state(State.QUEUED), {task_id: now})
-        pipe.xadd(self.keys.events(task_id), {"type": "state", "state": State.QUEUED},
+        pipe.zadd(self.keys.by_state(record.state), {task_id: now})
+        pipe.xadd(self.keys.events(task_id), {"type": "state", "state": record.state},
                   maxlen=EVENTS_MAXLEN, approximate=True)
 
     def transition(self, task_id: str, to: State, *,

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from fleet.broker.publish import Republish
 from fleet.broker.queues import forget_purged, published_task_ids, purged_messages
 from fleet.broker.routing import queue_name
-from fleet.errors import FleetError, TaskNotFound
+from fleet.errors import FleetError, StaleTransition, TaskNotFound
 from fleet.record import State, task_id_problem
 from fleet.state.control import ControlMessage, ControlSubscription, Notice, cancel
 from fleet.state.hosts import HostRegistry
@@ -200,11 +200,27 @@ class Housekeeper:
                             cancel(self.store, task_id, f"its message was purged from queue {queue}")
                 forget_purged(self.store.redis, self.store.keys, queue, raw)
 
+    def queue_due(self) -> None:
+        """Queue the agent's scheduled tasks whose time has come. Moving the
+        record to `queued` is the claim (one consumer wins it); the message
+        follows. A consumer that dies in between leaves a queued task with no
+        message, which the lost-message sweep below publishes."""
+        for task_id in self.store.records.due(self.agent, time.time()):
+            try:
+                record = self.store.records.transition(task_id, State.QUEUED, require=State.SCHEDULED)
+            except (StaleTransition, TaskNotFound):  # queued by another consumer, cancelled, expired
+                self.store.records.unschedule(self.agent, task_id)
+                continue
+            self.store.records.unschedule(self.agent, task_id)
+            log.info("task %s: its time has come; queued", task_id)
+            self.republish(record, record.attempts + 1, 0.0)
+
     def reap(self) -> None:
         try:  # before the sweep below could take those tasks' messages for lost
             self.cancel_purged()
         except Exception as error:  # whatever is in those lists, the reaping below goes on
             log.error("agent %s: purged messages not dealt with: %s", self.agent, error)
+        self.queue_due()
         for record in self.store.records.find(agent=self.agent, state=State.RUNNING):
             if self.store.leases.owner(record.id) is None and self.store.leases.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",

@@ -92,3 +92,27 @@ def test_a_finished_task_is_retried_under_its_id_and_a_batch_is_cancelled(make_f
     assert client.wait(other, 60).state == State.SUCCEEDED
     assert [r.state for r in client.wait_many(batch, 10)] == [State.CANCELLED] * 5
     assert all(client.status(t).attempts == 0 for t in batch)
+
+
+def test_a_scheduled_task_waits_for_its_time_through_a_worker_restart_and_can_be_cancelled(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}}, lease_ttl_s=3)  # its housekeeper looks every second
+    worker = fleet.start_worker()
+    worker.wait_for_line(" ready.")
+    client = fleet.client()
+    task_id = fleet.cli("submit", "dev", "--in", "4s", "--payload", '{"echo": "later"}').stdout.strip()
+    dropped = fleet.cli("submit", "dev", "--in", "4s", "--payload", '{"echo": "never"}').stdout.strip()
+    assert fleet.cli("cancel", dropped).returncode == 0
+    record = client.status(task_id)
+    assert record.state == State.SCHEDULED and record.run_at is not None
+    worker.stop()
+    fleet.start_worker().wait_for_line(" ready.")
+    done = client.wait(task_id, 60)
+    assert done.state == State.SUCCEEDED and done.started_at is not None
+    assert datetime.fromisoformat(done.started_at) >= datetime.fromisoformat(record.run_at)
+    assert client.status(dropped).state == State.CANCELLED and client.status(dropped).attempts == 0
+    for bad, why in ((["--in", "10x"], "is not a duration"),
+                     (["--at", "2026-12-01T09:00:00"], "no time zone"),
+                     (["--at", "tomorrow"], "is not an ISO 8601 time")):
+        refused = fleet.cli("submit", "dev", *bad)
+        assert refused.returncode == 2 and why in refused.stderr, refused.stderr

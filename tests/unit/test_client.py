@@ -210,3 +210,24 @@ def test_as_completed_times_out_naming_what_is_not_final(client: FleetClient) ->
     assert next(records).id == done
     with pytest.raises(WaitTimeout, match=f"{waiting[0]}.* and 1 more is not final after 0.3 s"):
         next(records)
+
+
+def test_a_task_with_an_eta_or_a_countdown_is_scheduled_and_not_published(
+        client: FleetClient, published: Publisher) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    later = client.submit("dev", {}, countdown=600)
+    record = client.status(later)
+    assert record.state == State.SCHEDULED and record.run_at is not None
+    assert 590 < datetime.fromisoformat(record.run_at).timestamp() - time.time() <= 600
+    at = client.submit("dev", {}, eta=datetime.now(UTC) + timedelta(hours=1))
+    assert client.status(at).state == State.SCHEDULED
+    assert client.store.redis.zcard(client.store.keys.schedule("dev")) == 2
+    assert published.calls == []
+    now = client.submit("dev", {}, eta=datetime.now(UTC) - timedelta(seconds=1))  # its time has come
+    assert client.status(now).state == State.QUEUED and [p.task_id for p in published.calls] == [now]
+    for bad, why in (({"eta": datetime.now()}, "no time zone"), ({"countdown": -1}, "not be negative"),
+                     ({"eta": datetime.now(UTC), "countdown": 1}, "not both")):
+        with pytest.raises(UsageError, match=why):
+            client.submit("dev", {}, **bad)  # type: ignore[arg-type]
+    assert client.cancel(later).state == State.CANCELLED

@@ -133,6 +133,20 @@ def test_tasks_whose_messages_were_purged_are_cancelled_not_published_again(
     assert republished.calls == []
 
 
+def test_scheduled_tasks_are_queued_once_when_due_and_cancelled_ones_dropped(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    due, _ = store.records.create("dev", {}, run_at=time.time() - 1)
+    later, _ = store.records.create("dev", {}, run_at=time.time() + 3600)
+    cancelled, _ = store.records.create("dev", {}, run_at=time.time() - 1)
+    store.records.transition(cancelled, State.CANCELLED)
+    keeper.reap()
+    keeper.reap()
+    assert [(call.task_id, call.attempt) for call in republished.calls] == [(due, 1)]
+    assert store.records.get(due).state == State.QUEUED
+    assert store.records.get(later).state == State.SCHEDULED
+    assert store.redis.zrange(store.keys.schedule("dev"), 0, -1) == [later]
+
+
 def test_garbage_where_purged_messages_go_stops_no_reaping(
         keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
     store.redis.set(store.keys.purged("ns.agent.dev"), "not a list")
