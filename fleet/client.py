@@ -19,7 +19,7 @@ from fleet.credentials.alerts import Alerts
 from fleet.credentials.breaker import Breaker
 from fleet.credentials.signing import SigningKeys
 from fleet.errors import StateStoreError, UsageError, WaitTimeout
-from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, payload_problem
+from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, payload_problem, priority_value
 from fleet.settings import FleetSettings, load_settings
 from fleet.state.control import cancel
 from fleet.state.events import BLOCK_MS
@@ -87,21 +87,27 @@ class FleetClient:
 
     def submit(self, agent: str, payload: dict[str, Any], key: str | None = None,
                host: str | None = None, eta: datetime | None = None,
-               countdown: float | None = None) -> str:
+               countdown: float | None = None, priority: int | str | None = None) -> str:
         """Queue a task for `agent`; returns its id. With `host`, the task
         runs only on that host (its pinned queue there), retries included. A
         key already used returns that task's id and publishes nothing. With
         `eta` (a zoned datetime) or `countdown` (seconds) it is `scheduled`
         until then: a consumer of the agent queues it when its time has come
-        (within a third of `lease_ttl_s`); it can be cancelled meanwhile."""
+        (within a third of `lease_ttl_s`); it can be cancelled meanwhile.
+        `priority` ("high", "normal", "low" or 0-9, 0 first) orders it within
+        its agent's queue, retries included."""
         self.settings.agent(agent)
         self.check_payload(payload)
+        try:
+            rank = priority_value(priority)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         if host is not None:
             self.check_host(agent, host)
         run_at = scheduled_time(eta, countdown)
         signer = self.signing_keys.sign if self.signing_keys else None
         task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer,
-                                                     run_at=run_at)
+                                                     run_at=run_at, priority=rank)
         if not created and self.signing_keys is not None:
             self.check_signed_by_us(task_id, key or "")
         if created and run_at is None:
@@ -110,7 +116,7 @@ class FleetClient:
             from fleet.broker.publish import publish
 
             try:
-                publish(self.app, self.settings, task_id, agent, host=host)
+                publish(self.app, self.settings, task_id, agent, host=host, priority=rank)
             except (kombu.exceptions.KombuError, OSError, redis.RedisError) as error:
                 self.store.records.transition(task_id, State.FAILED, finished_at=now_iso(), error=TaskError(
                     kind=ErrorKind.LOST, message=f"could not publish: {error}"))
@@ -196,7 +202,7 @@ class FleetClient:
         self.store.events.add(task_id, "retry_requested", previous=str(before.state),
                               attempt=str(record.attempts + 1))
         publish(self.app, self.settings, task_id, record.agent, attempt=record.attempts + 1,
-                host=record.pinned_host)
+                host=record.pinned_host, priority=record.priority)
         return record
 
     def cancel_many(self, agent: str | None = None, state: State | str | None = None) -> list[str]:

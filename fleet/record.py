@@ -40,6 +40,7 @@ class TaskRecord(BaseModel):
     finished_at: str | None = None
     retry_at: str | None = None  # when a `retrying` task is due to run again
     run_at: str | None = None  # when a `scheduled` task is due to be queued
+    priority: int = 3  # 0 (high) … 9 (low) within its agent's queue: fleet.record.PRIORITIES
     key: str | None = None
     signed_by: str | None = None  # the id of the key that signed it (signing_key_file)
     signature: str | None = None
@@ -60,6 +61,22 @@ def payload_problem(payload: Any, limit: int) -> str | None:
     if size > limit:
         return f"payload is {size} bytes, over payload_limit={limit}"
     return None
+
+
+# Named priorities: kombu's Redis transport serves lower numbers first, in
+# steps of 0-2, 3-5, 6-8 and 9 (one list each).
+PRIORITIES = {"high": 0, "normal": 3, "low": 9}
+
+
+def priority_value(priority: int | str | None) -> int:
+    """A priority given as a name or 0-9 as the number kept in the record."""
+    if priority is None:
+        return PRIORITIES["normal"]
+    if isinstance(priority, str) and priority in PRIORITIES:
+        return PRIORITIES[priority]
+    if isinstance(priority, int | str) and str(priority).isdigit() and 0 <= int(priority) <= 9:
+        return int(priority)
+    raise ValueError(f"priority {priority!r} is not high, normal, low or 0-9 (0 is served first)")
 
 
 def task_id_problem(task_id: Any) -> str | None:

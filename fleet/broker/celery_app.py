@@ -105,6 +105,8 @@ def publisher_settings(settings: FleetSettings) -> dict[str, Any]:
         "result_backend_transport_options": {"global_keyprefix": keys.result_prefix, **sentinel},
         "result_expires": settings.retention_s,
         "task_send_sent_event": True,
+        # fleet's "normal" (fleet.record.PRIORITIES): a message without one would go first.
+        "task_default_priority": 3,
     }
 
 

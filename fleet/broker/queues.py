@@ -14,12 +14,25 @@ import redis
 from fleet.connection import redis_errors
 from fleet.state.keys import Keys
 
+# kombu's Redis transport keeps a queue's messages in one list per priority
+# step (its defaults, which fleet keeps): the base list for 0, `<queue>\x06\x16<step>`
+# for the others. Every reader here reads all of them.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def priority_lists(keys: Keys, queue: str) -> list[str]:
+    """The Redis lists of a queue's messages, highest priority first."""
+    return [keys.queue(queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}")
+            for step in PRIORITY_STEPS]
+
 
 def waiting_messages(client: redis.Redis, keys: Keys, queues: list[str]) -> int:
     """How many messages wait in these queues (kombu's Redis lists)."""
     with redis_errors(), client.pipeline(transaction=False) as pipe:
         for queue in queues:
-            pipe.llen(keys.queue(queue))
+            for key in priority_lists(keys, queue):
+                pipe.llen(key)
         return sum(int(n) for n in pipe.execute())
 
 
@@ -29,7 +42,8 @@ def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> se
     queue, one `unacked` hash for all)."""
     with redis_errors(), client.pipeline(transaction=False) as pipe:
         for queue in queues:
-            pipe.lrange(keys.queue(queue), 0, -1)
+            for key in priority_lists(keys, queue):
+                pipe.lrange(key, 0, -1)
             pipe.lrange(keys.purged(queue), 0, -1)  # until their tasks are recorded cancelled
         pipe.hvals(keys.unacked)
         *waiting, delivered = pipe.execute()

@@ -158,7 +158,7 @@ class TaskRecords:
 
     def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
                pinned_host: str | None = None, signer: Signer | None = None,
-               run_at: float | None = None) -> tuple[str, bool]:
+               run_at: float | None = None, priority: int = 3) -> tuple[str, bool]:
         """A new queued record (signed by `signer`, if given), or with
         `run_at` (epoch seconds) a `scheduled` one in its agent's schedule.
         With an idempotency key already used, the existing task's id and
@@ -170,12 +170,13 @@ class TaskRecords:
                 existing = self._call(self.redis.get, self.keys.idempotency(key))
                 if existing is not None:
                     return str(existing), False
-                return self.create(agent, payload, key, pinned_host, signer, run_at)  # expired between
+                return self.create(agent, payload, key, pinned_host, signer, run_at, priority)  # expired
         created_at = now_iso()
         signed_by, signature = (signer(task_id, agent, pinned_host, payload, created_at) if signer
                                 else (None, None))
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=created_at,
-                            key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature)
+                            key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature,
+                            priority=priority)
         if run_at is not None:
             due = datetime.fromtimestamp(run_at, UTC).isoformat(timespec="milliseconds")
             record = record.model_copy(update={"state": State.SCHEDULED, "run_at": due})

@@ -116,3 +116,16 @@ def test_a_scheduled_task_waits_for_its_time_through_a_worker_restart_and_can_be
                      (["--at", "tomorrow"], "is not an ISO 8601 time")):
         refused = fleet.cli("submit", "dev", *bad)
         assert refused.returncode == 2 and why in refused.stderr, refused.stderr
+
+
+def test_priorities_are_honoured_within_an_agents_queue(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}})
+    fleet.start_worker().wait_for_line(" ready.")
+    assert fleet.cli("hosts", "drain", "testhost", "--wait", "--timeout", "60").returncode == 0
+    order = [("low", "low"), ("normal", None), ("high", "high"), ("normal 2", "normal"), ("5", "5")]
+    client = fleet.client()
+    ids = {name: client.submit("dev", {"echo": name}, priority=priority) for name, priority in order}
+    assert fleet.cli("hosts", "undrain", "testhost").returncode == 0
+    records = client.wait_many(list(ids.values()), 60)
+    started = sorted(records, key=lambda r: r.started_at or "")
+    assert [r.result["echo"] for r in started if r.result] == ["high", "normal", "normal 2", "5", "low"]

@@ -76,10 +76,19 @@ def test_waiting_messages_counts_the_named_queues(redis: fakeredis.FakeRedis, ap
     publish(app, settings, "t2", "dev", attempt=2, countdown=30)  # a delayed retry waits there too
     publish(app, settings, "t3", "dev", host="h1")
     publish(app, settings, "t4", "boss")
-    assert redis.llen(KEYS.queue(DEV)) == 2  # kombu's own list, under fleet's prefix
+    assert redis.llen(KEYS.queue(f"{DEV}\x06\x163")) == 2  # kombu's list for "normal", under the prefix
     assert waiting_messages(redis, KEYS, [DEV]) == 2
     assert waiting_messages(redis, KEYS, [DEV, DEV_H1]) == 3
     assert waiting_messages(redis, KEYS, [BOSS]) == 1
+
+
+def test_every_priority_list_of_a_queue_is_read(redis: fakeredis.FakeRedis, app: Celery,
+                                               settings: FleetSettings) -> None:
+    for n, priority in enumerate((0, 3, 6, 9, 4)):
+        publish(app, settings, f"p{n}", "dev", priority=priority)
+    assert redis.llen(KEYS.queue(DEV)) == 1  # kombu puts the others in lists of their own
+    assert waiting_messages(redis, KEYS, [DEV]) == 5
+    assert published_task_ids(redis, KEYS, [DEV]) == {f"p{n}" for n in range(5)}
 
 
 def test_published_task_ids_reads_queued_and_delivered_messages(

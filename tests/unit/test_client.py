@@ -39,7 +39,8 @@ class Publisher:
         self.error: Exception | None = None
 
     def __call__(self, app: Any, settings: FleetSettings, task_id: str, agent: str,
-                 attempt: int = 1, countdown: float | None = None, host: str | None = None) -> None:
+                 attempt: int = 1, countdown: float | None = None, host: str | None = None,
+                 priority: int = 3) -> None:
         if self.error is not None:
             raise self.error
         self.calls.append(Published(task_id, agent, host))
@@ -231,3 +232,12 @@ def test_a_task_with_an_eta_or_a_countdown_is_scheduled_and_not_published(
         with pytest.raises(UsageError, match=why):
             client.submit("dev", {}, **bad)  # type: ignore[arg-type]
     assert client.cancel(later).state == State.CANCELLED
+
+
+def test_a_priority_is_a_name_or_0_to_9_and_kept_in_the_record(client: FleetClient) -> None:
+    assert client.status(client.submit("dev", {})).priority == 3  # normal
+    assert client.status(client.submit("dev", {}, priority="high")).priority == 0
+    assert client.status(client.submit("dev", {}, priority="7")).priority == 7
+    for bad in ("urgent", 10, "-1"):
+        with pytest.raises(UsageError, match="is not high, normal, low or 0-9"):
+            client.submit("dev", {}, priority=bad)
