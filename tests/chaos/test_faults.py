@@ -25,6 +25,7 @@ from support import (
     wait_for_state,
 )
 
+from fleet.broker.queues import priority_lists
 from fleet.broker.routing import queue_name
 from fleet.container.spec import container_name
 from fleet.record import ErrorKind, State
@@ -201,8 +202,9 @@ def test_a_queued_task_whose_message_was_lost_is_published_again_once(make_fleet
     lost = client.submit("dev", {"echo": "lost"})
     kept = [client.submit("dev", {"echo": n}) for n in range(3)]
     # Its message vanishes, as a write does with a primary that died before replicating it.
-    queue = client.store.keys.queue(queue_name(fleet.settings.namespace, "dev"))
-    raw = next(m for m in client.store.redis.lrange(queue, 0, -1) if json.loads(m)["headers"]["id"] == lost)
+    lists = priority_lists(client.store.keys, queue_name(fleet.settings.namespace, "dev"))
+    queue, raw = next((key, m) for key in lists for m in client.store.redis.lrange(key, 0, -1)
+                      if json.loads(m)["headers"]["id"] == lost)
     assert client.store.redis.lrem(queue, 1, raw) == 1
     fleet.start_worker()
     fleet.start_worker()  # two consumers: only one publishes it again
