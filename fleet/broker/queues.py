@@ -1,6 +1,6 @@
 """Reading kombu's Redis layout directly: how many messages wait in a queue,
 and which tasks have a message waiting or delivered. One list per queue and
-one `unacked` hash for every delivered, unacknowledged message (kombu's
+priority step, and one `unacked` hash for every delivered, unacknowledged message (kombu's
 Redis transport, under fleet's key prefix). No Celery import: the CLI and
 the housekeeper read these without it."""
 
