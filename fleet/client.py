@@ -29,6 +29,8 @@ from fleet.state.store import TaskStore
 if TYPE_CHECKING:
     from celery import Celery
 
+UNFINISHED = frozenset(str(state) for state in State if not state.final)
+MAX_SCHEDULE_S = 366 * 86400  # how far ahead a task may be scheduled
 BULK_LIMIT = 1_000_000  # what a bulk operation reads at most: every task a fleet keeps
 
 
@@ -36,15 +38,20 @@ def scheduled_time(eta: datetime | None, countdown: float | None) -> float | Non
     """When a task is due (epoch seconds), None for at once."""
     if eta is not None and countdown is not None:
         raise UsageError("give eta or countdown, not both")
+    now = time.time()
     if eta is not None:
         if eta.tzinfo is None:
             raise UsageError(f"eta {eta.isoformat()} has no time zone (e.g. {eta.isoformat()}+00:00)")
-        return eta.timestamp() if eta.timestamp() > time.time() else None
-    if countdown is not None:
+        at = eta.timestamp()
+    elif countdown is not None:
         if countdown < 0:
             raise UsageError(f"countdown must not be negative, not {countdown:g}")
-        return time.time() + countdown if countdown > 0 else None
-    return None
+        at = now + countdown
+    else:
+        return None
+    if at - now > MAX_SCHEDULE_S:
+        raise UsageError(f"a task may be scheduled at most {MAX_SCHEDULE_S // 86400} days ahead")
+    return at if at > now else None
 
 
 class FleetClient:
@@ -106,6 +113,11 @@ class FleetClient:
             self.check_host(agent, host)
         run_at = scheduled_time(eta, countdown)
         signer = self.signing_keys.sign if self.signing_keys else None
+        ahead = 0.0 if run_at is None else run_at - time.time()
+        if signer is not None and ahead > self.settings.retention_s - 300:
+            raise UsageError(f"with signing, a task may be scheduled at most retention_s="
+                             f"{self.settings.retention_s} s ahead (less 300 s): a signature older "
+                             "than that is refused")
         task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer,
                                                      run_at=run_at, priority=rank)
         if not created and self.signing_keys is not None:
@@ -179,8 +191,9 @@ class FleetClient:
                     raise WaitTimeout(", ".join(pending[:3]) + more, timeout or 0)
                 block_ms = max(1, min(block_ms, int(remaining * 1000)))
             arrived = events.wait_any(cursors, block_ms)
-            maybe_final = [i for i, batch in arrived.items()
-                           if any(e.type == "state" and State(e.fields["state"]).final for e in batch)]
+            maybe_final = [i for i, batch in arrived.items()  # a state fleet never writes: look too
+                           if any(e.type == "state" and e.fields.get("state") not in UNFINISHED
+                                  for e in batch)]
             if not arrived:
                 maybe_final = list(pending)  # a quiet spell: look at the records themselves
 
@@ -198,6 +211,11 @@ class FleetClient:
         before = self.store.records.get(task_id)
         if not before.state.final:
             raise UsageError(f"task {task_id} is {before.state}: only a finished task can be retried")
+        settle_s = self.settings.lease_ttl_s + self.settings.kill_grace_s
+        ended = datetime.fromisoformat(before.finished_at).timestamp() if before.finished_at else 0.0
+        if before.started_at is not None and time.time() - ended < settle_s:
+            raise UsageError(f"task {task_id} ended {time.time() - ended:.0f} s ago and its last run may "
+                             f"still be stopping: retry it after {settle_s:g} s")
         record = self.store.records.reopen(task_id)
         self.store.events.add(task_id, "retry_requested", previous=str(before.state),
                               attempt=str(record.attempts + 1))

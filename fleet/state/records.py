@@ -28,6 +28,7 @@ from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
 
 # `revision` is kept as a plain counter beside the JSON-encoded fields.
+FIND_CHUNK = 1000  # index entries read at a time when filtering by agent and state
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
 # Which state each state may move to; anything else is refused.
@@ -84,29 +85,31 @@ class TaskRecords:
     def find(self, agent: str | None = None, state: State | None = None,
              limit: int = 1000) -> list[TaskRecord]:
         """The newest `limit` tasks matching both filters, newest first (by
-        creation with an agent, by entry into the state without one). With
-        both, the two indexes are intersected in Redis, so no match is
-        missed however many tasks the state holds for other agents. Index
-        entries whose record has expired are pruned."""
-        if state is not None and agent is not None:
-            index = None
-            weights = {self.keys.by_agent(agent): 1, self.keys.by_state(state): 0}  # creation time
-            scored = self._call(self.redis.zinter, weights, withscores=True)
-            ids = [task_id for task_id, _ in sorted(scored, key=lambda pair: pair[1], reverse=True)[:limit]]
-        elif state is not None or agent is not None:
-            index = self.keys.by_state(state) if state is not None else self.keys.by_agent(str(agent))
-            ids = self._call(self.redis.zrevrange, index, 0, limit - 1)
+        creation with only an agent, by entry into the state otherwise).
+        With both, the state's index is read newest first, a chunk at a
+        time, until `limit` of the agent's are found: none is missed however
+        many tasks of that state other agents have. Index entries whose
+        record has expired are pruned."""
+        if state is not None:
+            index: str | None = self.keys.by_state(state)
+        elif agent is not None:
+            index = self.keys.by_agent(agent)
         else:
-            index, ids = None, self._all_ids(limit)
-        records = []
-        for task_id, record in zip(ids, self._records(ids), strict=True):
-            if record is None:
-                self._prune(task_id, index)
-                continue
-            if agent not in (None, record.agent) or state not in (None, record.state):
-                continue
-            records.append(record)
-        return records
+            index = None
+        found: list[TaskRecord] = []
+        start, chunk = 0, max(limit, FIND_CHUNK) if agent is not None and state is not None else limit
+        while len(found) < limit:
+            ids = (self._all_ids(limit) if index is None
+                   else self._call(self.redis.zrevrange, index, start, start + chunk - 1))
+            for task_id, record in zip(ids, self._records(ids), strict=True):
+                if record is None:
+                    self._prune(task_id, index)
+                elif agent in (None, record.agent) and state in (None, record.state):
+                    found.append(record)
+            if index is None or len(ids) < chunk:
+                break
+            start += chunk
+        return found[:limit]
 
     def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
         """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
@@ -115,15 +118,16 @@ class TaskRecords:
                 if record is not None and record.agent == agent and record.state == State.QUEUED]
 
     def _records(self, ids: list[str]) -> list[TaskRecord | None]:
-        """Records without their payloads (up to payload_limit each), in one round trip."""
+        """Records without their payloads (up to payload_limit each), in one
+        round trip; None for a missing one, and for a key that holds no
+        record fleet could have written (another type, fields that do not
+        decode): whoever may write records must not stop their readers."""
         fields = [*RECORD_FIELDS, "revision"]
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
                 pipe.hmget(self.keys.task(task_id), fields)
-            rows = self._call(pipe.execute)
-        return [None if values[0] is None else decode_record(
-                    {f: v for f, v in zip(fields, values, strict=True) if v is not None})
-                for values in rows]
+            rows = self._call(pipe.execute, raise_on_error=False)
+        return [readable_record(fields, values) for values in rows]
 
     def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
         """Whether this consumer is the one to publish a lost message again:
@@ -190,6 +194,9 @@ class TaskRecords:
     def due(self, agent: str, now: float, limit: int = 100) -> list[str]:
         """The agent's scheduled tasks whose time has come, soonest first."""
         return list(self._call(self.redis.zrangebyscore, self.keys.schedule(agent), 0, now, 0, limit))
+
+    def reschedule(self, agent: str, task_id: str, run_at: float) -> None:
+        self._call(self.redis.zadd, self.keys.schedule(agent), {task_id: run_at})
 
     def unschedule(self, agent: str, task_id: str) -> None:
         self._call(self.redis.zrem, self.keys.schedule(agent), task_id)
@@ -314,6 +321,8 @@ class TaskRecords:
                 pipe.delete(self.keys.finished(task_id), self.keys.celery_result(task_id))
                 pipe.persist(self.keys.task(task_id))
                 pipe.persist(self.keys.events(task_id))
+                if current.key is not None:
+                    pipe.persist(self.keys.idempotency(current.key))
             if lease is not None:
                 pipe.set(self.keys.lease(task_id), f"{lease[0]}|{record.attempts}", px=lease[1])
             pipe.hset(self.keys.task(task_id), mapping=encode_record(record))
@@ -359,6 +368,15 @@ class TaskRecords:
 def encode_record(record: TaskRecord) -> dict[str, str]:
     data = record.model_dump(mode="json")
     return {name: json.dumps(data[name]) for name in RECORD_FIELDS}
+
+
+def readable_record(fields: list[str], values: Any) -> TaskRecord | None:
+    if not isinstance(values, list) or values[0] is None:  # missing, or a key of another type
+        return None
+    try:
+        return decode_record({f: v for f, v in zip(fields, values, strict=True) if v is not None})
+    except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def decode_record(raw: dict[str, str]) -> TaskRecord:

@@ -204,23 +204,42 @@ class Housekeeper:
         """Queue the agent's scheduled tasks whose time has come. Moving the
         record to `queued` is the claim (one consumer wins it); the message
         follows. A consumer that dies in between leaves a queued task with no
-        message, which the lost-message sweep below publishes."""
-        for task_id in self.store.records.due(self.agent, time.time()):
+        message, which the lost-message sweep below publishes. The index is
+        anyone's who may submit: an entry that is not this agent's scheduled
+        task, or whose record says it is not due yet, is dropped or put back."""
+        now = time.time()
+        for task_id in self.store.records.due(self.agent, now):
             try:
-                record = self.store.records.transition(task_id, State.QUEUED, require=State.SCHEDULED)
+                record = (self.store.records.get(task_id) if task_id_problem(task_id) is None else None)
+                if record is None or record.agent != self.agent or record.state != State.SCHEDULED:
+                    self.store.records.unschedule(self.agent, task_id)
+                    continue
+                run_at = datetime.fromisoformat(record.run_at).timestamp() if record.run_at else now
+                if run_at > now:  # the score was lowered: the record's time holds
+                    self.store.records.reschedule(self.agent, task_id, run_at)
+                    continue
+                queued = self.store.records.transition(task_id, State.QUEUED, current=record,
+                                                       require=State.SCHEDULED)
             except (StaleTransition, TaskNotFound):  # queued by another consumer, cancelled, expired
+                self.store.records.unschedule(self.agent, task_id)
+                continue
+            except (ValueError, TypeError) as error:  # a run_at nobody could have meant
+                log.warning("task %s: dropped from the schedule: %s", task_id, error)
                 self.store.records.unschedule(self.agent, task_id)
                 continue
             self.store.records.unschedule(self.agent, task_id)
             log.info("task %s: its time has come; queued", task_id)
-            self.republish(record, record.attempts + 1, 0.0)
+            self.republish(queued, queued.attempts + 1, 0.0)
 
     def reap(self) -> None:
         try:  # before the sweep below could take those tasks' messages for lost
             self.cancel_purged()
         except Exception as error:  # whatever is in those lists, the reaping below goes on
             log.error("agent %s: purged messages not dealt with: %s", self.agent, error)
-        self.queue_due()
+        try:
+            self.queue_due()
+        except Exception as error:  # whatever is in the schedule, the reaping below goes on
+            log.error("agent %s: scheduled tasks not dealt with: %s", self.agent, error)
         for record in self.store.records.find(agent=self.agent, state=State.RUNNING):
             if self.store.leases.owner(record.id) is None and self.store.leases.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",

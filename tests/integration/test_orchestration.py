@@ -65,15 +65,21 @@ def test_the_agent_and_state_filters_together_miss_no_task_among_3000(make_fleet
 
 
 def test_a_finished_task_is_retried_under_its_id_and_a_batch_is_cancelled(make_fleet: MakeFleet) -> None:
-    fleet = make_fleet({"dev": {}, "boss": {}})
+    fleet = make_fleet({"dev": {}, "boss": {}}, lease_ttl_s=3, kill_grace_s=1)
     fleet.start_worker().wait_for_line(" ready.", count=2)
     client = fleet.client()
     task_id = client.submit("dev", {"exit": 1, "fail_until_attempt": 2})
-    assert client.wait(task_id, 60).state == State.FAILED
+    failed = client.wait(task_id, 60)
+    assert failed.state == State.FAILED and failed.finished_at is not None
     running = client.submit("dev", {"sleep": 30})
     refused = fleet.cli("retry", running)
     assert refused.returncode == 2 and "only a finished task can be retried" in refused.stderr
     client.cancel(running)
+    # Found in review: a retry right after a run ended could overlap a run still stopping.
+    too_soon = fleet.cli("retry", running)
+    assert too_soon.returncode == 2 and "may still be stopping: retry it after 4 s" in too_soon.stderr
+    settled = datetime.fromisoformat(failed.finished_at).timestamp() + 4  # lease_ttl_s + kill_grace_s
+    time.sleep(max(0.0, settled - time.time()))  # the rule is a time: nothing to wait on
     done = fleet.cli("retry", task_id)
     assert done.returncode == 0 and "queued again as attempt 2" in done.stdout, done.stderr
     record = client.wait(task_id, 60)

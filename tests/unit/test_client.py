@@ -241,3 +241,21 @@ def test_a_priority_is_a_name_or_0_to_9_and_kept_in_the_record(client: FleetClie
     for bad in ("urgent", 10, "-1"):
         with pytest.raises(UsageError, match="is not high, normal, low or 0-9"):
             client.submit("dev", {}, priority=bad)
+
+
+def test_found_in_review_a_forged_state_event_ends_no_wait_and_schedules_are_bounded(
+        client: FleetClient) -> None:
+    task_id = client.submit("dev", {})
+    client.store.redis.xadd(client.store.keys.events(task_id), {"type": "state", "state": "bogus"})
+    with pytest.raises(WaitTimeout):  # not ValueError: it looked at the record, still queued
+        client.wait(task_id, timeout=0.5)
+    with pytest.raises(UsageError, match="at most 366 days ahead"):
+        client.submit("dev", {}, countdown=400 * 86400)
+
+
+def test_found_in_review_a_long_running_task_is_found_by_agent_and_state(client: FleetClient) -> None:
+    records = client.store.records
+    task_id = client.submit("dev", {})
+    records.transition(task_id, State.RUNNING)
+    client.store.redis.zrem(client.store.keys.by_agent("dev"), task_id)  # trimmed by age meanwhile
+    assert [r.id for r in client.tasks(agent="dev", state="running")] == [task_id]

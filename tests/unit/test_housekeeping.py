@@ -147,6 +147,23 @@ def test_scheduled_tasks_are_queued_once_when_due_and_cancelled_ones_dropped(
     assert store.redis.zrange(store.keys.schedule("dev"), 0, -1) == [later]
 
 
+def test_whatever_a_submitter_puts_in_the_schedule_stops_no_reaping_and_starts_nothing_early(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    """Found in review: one bad entry stopped every tick of the housekeeper."""
+    schedule = store.keys.schedule("dev")
+    boss, _ = store.records.create("boss", {}, run_at=time.time() + 3600)
+    early, _ = store.records.create("dev", {}, run_at=time.time() + 3600)
+    store.redis.set(store.keys.task("a-string"), "not a record")
+    store.redis.hset(store.keys.task("bad-json"), mapping={"state": "{not json", "agent": '"dev"'})
+    store.redis.zadd(schedule, {"x:events": 0, "a-string": 0, "bad-json": 0, boss: 0, early: 0})
+    lost = claimed(store, owner="gone", ttl_s=0.001)
+    keeper.reap()
+    assert [call.task_id for call in republished.calls] == [lost.id]  # the reaping went on
+    assert store.records.get(early).state == State.SCHEDULED  # its record's time holds
+    assert store.redis.zrange(schedule, 0, -1) == [early]
+    assert store.redis.zscore(schedule, early) > time.time() + 3000
+
+
 def test_garbage_where_purged_messages_go_stops_no_reaping(
         keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
     store.redis.set(store.keys.purged("ns.agent.dev"), "not a list")

@@ -231,3 +231,12 @@ def test_only_one_consumer_takes_the_turn_to_republish(store: TaskStore) -> None
     assert store.records.take_republish_turn("t1", hold_s=60)
     assert not store.records.take_republish_turn("t1", hold_s=60)
     assert store.records.take_republish_turn("t2", hold_s=60)
+
+
+def test_a_reopened_task_keeps_its_idempotency_key(store: TaskStore) -> None:
+    task_id, _ = store.records.create("dev", {}, key="deploy-1")
+    store.records.transition(task_id, State.CANCELLED, finished_at="2026-11-30T00:00:00Z")
+    assert store.redis.ttl(store.keys.idempotency("deploy-1")) > 0
+    store.records.reopen(task_id)
+    assert store.redis.ttl(store.keys.idempotency("deploy-1")) == -1
+    assert store.redis.ttl(store.keys.task(task_id)) == -1 and not store.records.finished_before(task_id)
