@@ -77,8 +77,12 @@ def test_each_role_does_its_job_and_no_more(make_fleet: MakeFleet, acl_redis: Re
     queued = as_role(fleet, acl_redis, "submitter", "submit", "dev", "--payload",
                      '{"sleep": 30}').stdout.strip()
     refused(as_role(fleet, acl_redis, "submitter", "cancel", queued))  # an operator's job
-    refused(as_role(fleet, acl_redis, "submitter", "retry", task_id))  # so is a retry
-    assert as_role(fleet, acl_redis, "viewer", "status", task_id).stdout.count("succeeded") == 1
+    never_ran = as_role(fleet, acl_redis, "submitter", "submit", "dev", "--in", "1h", "--payload", "{}")
+    never_ran_id = never_ran.stdout.strip()
+    assert never_ran.returncode == 0 and fleet.cli("cancel", never_ran_id).returncode == 0, never_ran.stderr
+    refused(as_role(fleet, acl_redis, "submitter", "retry", never_ran_id))  # so is a retry
+    assert json.loads(as_role(fleet, acl_redis, "viewer", "status", never_ran_id, "--json").stdout)[
+        "state"] == "cancelled"  # the refused retry wrote nothing
     assert fleet.cli("cancel", queued).returncode == 0
     submitter = redis.Redis.from_url(url(acl_redis, f"{namespace}-submitter", PASSWORDS["submitter"]))
     with pytest.raises(redis.exceptions.NoPermissionError):  # kombu's unacked: what workers restore from
