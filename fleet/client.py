@@ -171,9 +171,7 @@ class FleetClient:
         pending = list(dict.fromkeys(task_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
         events = self.store.events
-        # The cursors come before the records are read: no event is missed between.
-        last = events.last_ids([self.store.keys.events(i) for i in pending])
-        cursors = {i: last[self.store.keys.events(i)] for i in pending}
+        cursors = events.last_ids(pending)  # before the records are read: no event is missed between
         maybe_final = pending
         while True:
             ended = [r for r in self.store.records.many(maybe_final) if r.state.final] if maybe_final else []

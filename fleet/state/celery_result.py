@@ -20,11 +20,16 @@ CELERY_STATE = {
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
 
+def failure_message(record: TaskRecord) -> str:
+    """What a Celery client is told of a failed, retrying or cancelled task: "<kind>: <message>"."""
+    error = record.error
+    return f"{error.kind}: {error.message}" if error is not None else str(record.state)
+
+
 def exception(record: TaskRecord) -> dict[str, object]:
     """The exception Celery's client raises for a failed, retrying or
     cancelled task, in the backend's JSON form (celery.backends.base.prepare_exception)."""
-    error = record.error
-    message = f"{error.kind}: {error.message}" if error is not None else str(record.state)
+    message = failure_message(record)
     if record.state == State.CANCELLED:
         return {"exc_type": "TaskRevokedError", "exc_module": "celery.exceptions",
                 "exc_message": [message]}

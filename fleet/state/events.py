@@ -97,16 +97,15 @@ class EventStreams:
             arrived[by_key[key]] = [Event(i, f) for i, f in entries]
         return arrived
 
-    def last_id(self, key: str) -> str:
-        return self.last_ids([key])[key]
-
-    def last_ids(self, keys: list[str]) -> dict[str, str]:
-        """The id of each stream's newest event ("0-0" for none), in one round trip."""
+    def last_ids(self, task_ids: list[str]) -> dict[str, str]:
+        """The id of each task's newest event ("0-0" for none), in one round
+        trip: the cursors `wait_any` takes."""
         with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.xrevrange(key, "+", "-", 1)
+            for task_id in task_ids:
+                pipe.xrevrange(self.keys.events(task_id), "+", "-", 1)
             rows: Any = pipe.execute()
-        return {key: str(row[0][0]) if row else "0-0" for key, row in zip(keys, rows, strict=True)}
+        return {task_id: str(row[0][0]) if row else "0-0"
+                for task_id, row in zip(task_ids, rows, strict=True)}
 
     # -- writing -------------------------------------------------------------
 

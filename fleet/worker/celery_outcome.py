@@ -15,11 +15,12 @@ from celery.exceptions import Ignore, Retry
 
 from fleet.errors import TaskFailed
 from fleet.record import State, TaskRecord
+from fleet.state.celery_result import failure_message
 
 
 def failure(record: TaskRecord) -> TaskFailed:
-    error = record.error
-    return TaskFailed(f"{error.kind}: {error.message}" if error else f"task {record.id} {record.state}")
+    """The exception the Celery task raises: the same message its result key holds."""
+    return TaskFailed(failure_message(record))
 
 
 def report_outcome(task: Task[Any, Any], record: TaskRecord) -> Any:

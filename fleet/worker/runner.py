@@ -10,7 +10,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,12 +81,12 @@ class TaskRunner:
         self.user = user  # the agent's own uid on this host
         self.rng = random.Random()
 
-    def run_message(self, message_id: Any, args: Any, kwargs: Any) -> TaskRecord | None:
+    def run_message(self, message_id: Any, args: Sequence[Any],
+                    kwargs: Mapping[str, Any]) -> TaskRecord | None:
         """Handle one message of the agent's queue (fleet.broker.message);
         the task's record afterwards, or None if it names no task of its own."""
         with self.running.handling():
-            match read_message(message_id, args if isinstance(args, list | tuple) else [args],
-                               kwargs if isinstance(kwargs, dict) else {"": kwargs}):
+            match read_message(message_id, args, kwargs):
                 case RunTask(task_id, attempt):
                     written = self.handle(task_id, attempt)
                 case NewTask() as new:

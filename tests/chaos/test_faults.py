@@ -65,8 +65,7 @@ def test_a_consumer_killed_mid_run_loses_no_task_and_runs_none_twice_at_once(
             if owner and int(owner.split(":")[1]) in victim_consumers:
                 doomed = task_id
         if doomed is None:  # wake on the next state change of any task
-            client.store.events.wait_any(
-                {t: client.store.events.last_id(client.store.keys.events(t)) for t in ids}, 1000)
+            client.store.events.wait_any(client.store.events.last_ids(ids), 1000)
     assert doomed is not None, "the victim never ran a task"
     assert survivor.process.poll() is None, "".join(survivor.lines)
     killed_at = time.monotonic()
