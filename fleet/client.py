@@ -94,7 +94,8 @@ class FleetClient:
 
     def submit(self, agent: str, payload: dict[str, Any], key: str | None = None,
                host: str | None = None, eta: datetime | None = None,
-               countdown: float | None = None, priority: int | str | None = None) -> str:
+               countdown: float | None = None, priority: int | str | None = None,
+               on_done: list[str] | None = None) -> str:
         """Queue a task for `agent`; returns its id. With `host`, the task
         runs only on that host (its pinned queue there), retries included. A
         key already used returns that task's id and publishes nothing. With
@@ -102,8 +103,12 @@ class FleetClient:
         until then: a consumer of the agent queues it when its time has come
         (within a third of `lease_ttl_s`); it can be cancelled meanwhile.
         `priority` ("high", "normal", "low" or 0-9, 0 first) orders it within
-        its agent's queue, retries included."""
+        its agent's queue, retries included. `on_done` names hooks (of the
+        settings' `on_done`) told when it ends, besides its agent's."""
         self.settings.agent(agent)
+        if unknown := [name for name in on_done or [] if name not in self.settings.on_done]:
+            raise UsageError(f"no on_done hook {unknown[0]!r} is configured "
+                             f"(configured: {', '.join(self.settings.on_done) or 'none'})")
         self.check_payload(payload)
         try:
             rank = priority_value(priority)
@@ -119,7 +124,7 @@ class FleetClient:
                              f"{self.settings.retention_s} s ahead (less 300 s): a signature older "
                              "than that is refused")
         task_id, created = self.store.records.create(agent, payload, key, pinned_host=host, signer=signer,
-                                                     run_at=run_at, priority=rank)
+                                                     run_at=run_at, priority=rank, on_done=on_done)
         if not created and self.signing_keys is not None:
             self.check_signed_by_us(task_id, key or "")
         if created and run_at is None:

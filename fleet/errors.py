@@ -50,6 +50,10 @@ class LeaseHeld(FleetError):
     """The task is running elsewhere under a live lease."""
 
 
+class SlotsTaken(FleetError):
+    """The agent already runs its `max_running` tasks on all hosts together."""
+
+
 class WaitTimeout(FleetError):
     def __init__(self, task_id: str, timeout: float) -> None:
         super().__init__(f"task {task_id} is not final after {timeout:g} s")

@@ -33,6 +33,7 @@ from pydantic import (
 
 from fleet.egress_config import Injection, canonical_destination, check_host_name
 from fleet.errors import ConfigError
+from fleet.on_done_config import HookName, OnDoneHook
 from fleet.redis_url import check_redis_url, redact_credentials
 
 PROXY_IMAGE = "fleet-proxy:latest"
@@ -133,6 +134,10 @@ class AgentSpec(BaseModel):
     egress: list[str] = Field(default_factory=list)
     # Tokens injected at the proxy rather than mounted: token name → where and how.
     inject: dict[TokenName, Injection] = Field(default_factory=dict)
+    # Hooks (of the top-level `on_done`) told when any of its tasks ends.
+    on_done: list[HookName] = Field(default_factory=list)
+    # At most this many of its tasks run at once on all hosts together (None: no cap).
+    max_running: PositiveInt | None = None
 
     def serves(self, host: str) -> bool:
         return not self.hosts or host in self.hosts
@@ -223,6 +228,8 @@ class FleetSettings(BaseModel):
     # Signed submissions: a file of `<key id> <secret>` lines (credentials/signing.py). Set,
     # submissions are signed with its first key and workers run only tasks one of its keys signed.
     signing_key_file: Path | None = None
+    # Hooks told when a task ends (fleet.on_done_config), by name.
+    on_done: dict[HookName, OnDoneHook] = Field(default_factory=dict)
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @property
@@ -257,6 +264,13 @@ class FleetSettings(BaseModel):
                 raise ValueError(f"{name}: {str(path)!r} is not a file")
         if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
             raise ValueError("redis_tls_cert_file and redis_tls_key_file go together")
+        return self
+
+    @model_validator(mode="after")
+    def _hooks_known(self) -> FleetSettings:
+        for name, spec in self.agents.items():
+            if unknown := [hook for hook in spec.on_done if hook not in self.on_done]:
+                raise ValueError(f"agents.{name}.on_done: no hook {unknown[0]!r} in on_done")
         return self
 
     @field_validator("egress_hosts")

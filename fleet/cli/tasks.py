@@ -72,15 +72,17 @@ def when(at: str | None, in_: str | None) -> tuple[datetime | None, float | None
 @click.option("--at", "at", help="Run it at this time (ISO 8601 with a zone): scheduled until then.")
 @click.option("--in", "in_", help="Run it after this long (90s, 10m, 2h, 1d): scheduled until then.")
 @click.option("--priority", help="high, normal (default), low, or 0-9 (0 first) in the agent's queue.")
+@click.option("--on-done", "on_done", multiple=True, metavar="HOOK",
+              help="Tell this hook (of the settings' on_done) when the task ends; repeatable.")
 @pass_context
 def submit(ctx: Context, agent: str, payload: str | None, payload_file: Path | None,
            key: str | None, wait_: bool, timeout: float | None, host: str | None,
-           at: str | None, in_: str | None, priority: str | None) -> None:
+           at: str | None, in_: str | None, priority: str | None, on_done: tuple[str, ...]) -> None:
     """Publish a task for AGENT and print its id."""
     body = read_payload(payload, payload_file)
     eta, countdown = when(at, in_)
     task_id = ctx.client.submit(agent, body, key=key, host=host, eta=eta, countdown=countdown,
-                                priority=priority)
+                                priority=priority, on_done=list(on_done))
     if not wait_:
         click.echo(task_id)
         return

@@ -47,12 +47,19 @@ class Alerts:
         return alert
 
     def _run_hook(self, alert: dict[str, str]) -> None:
-        try:
-            done = subprocess.run(self.hook, input=json.dumps(alert), text=True,
-                                  capture_output=True, timeout=HOOK_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            log.error("alert hook %s failed: %s", self.hook[0], error)
-            return
-        if done.returncode != 0:
-            log.error("alert hook %s exited %d: %s", self.hook[0], done.returncode,
-                      done.stderr.strip()[:200])
+        if (problem := run_hook_command(self.hook, json.dumps(alert).encode(), HOOK_TIMEOUT_S)) is not None:
+            log.error("alert hook %s: %s", self.hook[0], problem)
+
+
+def run_hook_command(command: list[str], data: bytes, timeout_s: float) -> str | None:
+    """Run an operator's hook with `data` on its stdin: None if it exited 0,
+    else what went wrong (with the start of its stderr)."""
+    try:
+        done = subprocess.run(command, input=data, capture_output=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return f"still running after {timeout_s:g} s"
+    except OSError as error:
+        return f"could not run it: {error.strerror or error}"
+    if done.returncode != 0:
+        return f"exited {done.returncode}: {done.stderr.decode(errors='replace').strip()[:200]}"
+    return None

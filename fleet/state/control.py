@@ -6,6 +6,7 @@ Redis pub/sub, formatted and parsed here only.
     resumed <agent>      the breaker closed: they take tasks again
     drain <host>         the host stops taking tasks
     undrain <host>       it takes tasks again
+    freed <agent>        a run of the agent ended: its consumers held back at max_running look again
 
 A notice only makes a change take effect sooner: the truth is in the flags
 and records, which the housekeeper re-reads anyway (a subscriber that is
@@ -34,6 +35,7 @@ class Notice(StrEnum):
     RESUMED = "resumed"
     DRAIN = "drain"
     UNDRAIN = "undrain"
+    FREED = "freed"
 
 
 @dataclass(frozen=True)

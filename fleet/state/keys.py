@@ -5,6 +5,14 @@
     {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
     {ns}:index:schedule:{agent} zset   the agent's `scheduled` task ids, scored by when they are due
+    {ns}:changes                stream every task's changes of state (task, agent, state, attempt),
+                                       capped: what `fleet tasks --watch` follows and on_done hooks
+                                       are delivered from (consumer group "on-done")
+    {ns}:on-done:due            zset   deliveries of on_done hooks ("<change>|<task>|<hook>"), scored
+                                       by when they are next tried (or until when one is being tried)
+    {ns}:on-done:tries          hash   a delivery's tries so far and when it was first scheduled
+    {ns}:agent:{agent}:running  zset   the agent's running task ids, scored by their lease's expiry
+                                       (ms): its `max_running` slots, fleet-wide
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
     {ns}:lease:{id}             string "<owner>|<attempt>" while an attempt runs; expires unless renewed
     {ns}:republishing:{id}      string a consumer is publishing a lost message of a queued task again
@@ -53,6 +61,21 @@ class Keys:
 
     def schedule(self, agent: str) -> str:
         return f"{self.namespace}:index:schedule:{agent}"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.namespace}:changes"
+
+    @property
+    def on_done_due(self) -> str:
+        return f"{self.namespace}:on-done:due"
+
+    @property
+    def on_done_tries(self) -> str:
+        return f"{self.namespace}:on-done:tries"
+
+    def running(self, agent: str) -> str:
+        return f"{self.namespace}:agent:{agent}:running"
 
     def finished(self, task_id: str) -> str:
         """Set by a worker when the task reaches a final state, for as long as

@@ -14,9 +14,8 @@ import redis
 from redis.client import Pipeline
 
 from fleet.connection import redis_errors
-from fleet.errors import LeaseHeld, StaleTransition
+from fleet.errors import LeaseHeld, SlotsTaken, StaleTransition
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
-from fleet.state.events import EVENTS_MAXLEN
 from fleet.state.keys import Keys
 from fleet.state.records import TaskRecords, decode_record, encode_record
 from fleet.state.scripts import load_script
@@ -28,9 +27,10 @@ class Leases:
         self.keys = keys
         self.records = records
         self._renew = load_script(client, "renew_lease")
+        self._take_slot = load_script(client, "take_slot")
 
     def claim(self, record: TaskRecord, attempt: int | None, owner: str, ttl_ms: int,
-              **fields: Any) -> TaskRecord:
+              max_running: int | None = None, **fields: Any) -> TaskRecord:
         """Start the next attempt of a task, under a lease.
 
         Refused (StaleTransition) if the task is final, or if this message's
@@ -41,7 +41,28 @@ class Leases:
 
         `record` is the caller's fresh read; the write applies only at its
         revision, so a change since is read and checked again (the epoch),
-        never overwritten."""
+        never overwritten.
+
+        With `max_running`, the attempt first takes one of the agent's
+        slots, fleet-wide (SlotsTaken if none is free); the slot is held
+        as long as the lease and freed by the attempt's end."""
+        if max_running is None:
+            return self._claim(record, attempt, owner, ttl_ms, **fields)
+        slots = self.keys.running(record.agent)
+        with redis_errors():
+            taken = self._take_slot([slots], [record.id, max_running, ttl_ms])
+        if not taken:
+            raise SlotsTaken(f"agent {record.agent} runs its max_running={max_running} tasks")
+        try:
+            return self._claim(record, attempt, owner, ttl_ms, **fields)
+        except (StaleTransition, LeaseHeld):
+            if taken == 1:  # ours alone: give it back (2: the run that holds it keeps it)
+                with redis_errors():
+                    self.redis.zrem(slots, record.id)
+            raise
+
+    def _claim(self, record: TaskRecord, attempt: int | None, owner: str, ttl_ms: int,
+               **fields: Any) -> TaskRecord:
         task_id, current = record.id, record
         if record.state == State.RUNNING:  # its attempt may have been lost: take it over
             if self.owner(task_id) is not None:
@@ -80,9 +101,8 @@ class Leases:
             pipe.hincrby(key, "revision", 1)
             pipe.zrem(self.keys.by_state(State.RUNNING), task_id)
             pipe.zadd(self.keys.by_state(State.RETRYING), {task_id: time.time()})
-            entry: dict[Any, Any] = {"type": "state", "state": str(State.RETRYING),
-                                     "attempt": str(record.attempts), "error": ErrorKind.LOST}
-            pipe.xadd(self.keys.events(task_id), entry, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.zrem(self.keys.running(record.agent), task_id)
+            self.records.state_event(pipe, record)
             self.records.write_celery_result(pipe, record)
             result.append(record)
 
@@ -95,7 +115,9 @@ class Leases:
             value = self.redis.get(self.keys.lease(task_id))
         return None if value is None else str(value)
 
-    def renew(self, task_id: str, owner: str, attempt: int, ttl_ms: int) -> bool:
+    def renew(self, task_id: str, agent: str, owner: str, attempt: int, ttl_ms: int) -> bool:
+        """Renew the attempt's lease (and its max_running slot, if it holds one)."""
         with redis_errors():
-            return bool(self._renew([self.keys.lease(task_id), self.keys.task(task_id)],
-                                    [f"{owner}|{attempt}", ttl_ms, str(attempt)]))
+            return bool(self._renew([self.keys.lease(task_id), self.keys.task(task_id),
+                                     self.keys.running(agent)],
+                                    [f"{owner}|{attempt}", ttl_ms, str(attempt), task_id]))

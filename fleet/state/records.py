@@ -28,6 +28,7 @@ from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
 
 # `revision` is kept as a plain counter beside the JSON-encoded fields.
+CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many (some 25,000 tasks')
 FIND_CHUNK = 1000  # index entries read at a time when filtering by agent and state
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
@@ -162,7 +163,8 @@ class TaskRecords:
 
     def create(self, agent: str, payload: dict[str, Any], key: str | None = None,
                pinned_host: str | None = None, signer: Signer | None = None,
-               run_at: float | None = None, priority: int = 3) -> tuple[str, bool]:
+               run_at: float | None = None, priority: int = 3,
+               on_done: list[str] | None = None) -> tuple[str, bool]:
         """A new queued record (signed by `signer`, if given), or with
         `run_at` (epoch seconds) a `scheduled` one in its agent's schedule.
         With an idempotency key already used, the existing task's id and
@@ -174,13 +176,14 @@ class TaskRecords:
                 existing = self._call(self.redis.get, self.keys.idempotency(key))
                 if existing is not None:
                     return str(existing), False
-                return self.create(agent, payload, key, pinned_host, signer, run_at, priority)  # expired
+                return self.create(agent, payload, key, pinned_host, signer, run_at, priority,
+                                   on_done)  # expired
         created_at = now_iso()
         signed_by, signature = (signer(task_id, agent, pinned_host, payload, created_at) if signer
                                 else (None, None))
         record = TaskRecord(id=task_id, agent=agent, state=State.QUEUED, created_at=created_at,
                             key=key, pinned_host=pinned_host, signed_by=signed_by, signature=signature,
-                            priority=priority)
+                            priority=priority, on_done=list(dict.fromkeys(on_done or [])))
         if run_at is not None:
             due = datetime.fromtimestamp(run_at, UTC).isoformat(timespec="milliseconds")
             record = record.model_copy(update={"state": State.SCHEDULED, "run_at": due})
@@ -254,8 +257,7 @@ class TaskRecords:
                                                      "payload": json.dumps(payload)})
         pipe.zadd(self.keys.by_agent(record.agent), {task_id: now})
         pipe.zadd(self.keys.by_state(record.state), {task_id: now})
-        pipe.xadd(self.keys.events(task_id), {"type": "state", "state": record.state},
-                  maxlen=EVENTS_MAXLEN, approximate=True)
+        self.state_event(pipe, record)
 
     def transition(self, task_id: str, to: State, *,
                    update: Callable[[TaskRecord], dict[str, Any]] | None = None,
@@ -329,18 +331,27 @@ class TaskRecords:
             pipe.hincrby(self.keys.task(task_id), "revision", 1)
             pipe.zrem(self.keys.by_state(current.state), task_id)
             pipe.zadd(self.keys.by_state(to), {task_id: now})
-            event: dict[Any, Any] = {"type": "state", "state": str(to),
-                                     "attempt": str(record.attempts)}
-            if record.error is not None and to != State.SUCCEEDED:
-                event["error"] = record.error.kind
-            pipe.xadd(self.keys.events(task_id), event, maxlen=EVENTS_MAXLEN, approximate=True)
-            if to != State.RUNNING:  # the attempt is over: so is its lease
+            self.state_event(pipe, record)
+            if to != State.RUNNING:  # the attempt is over: so are its lease and its slot
                 pipe.delete(self.keys.lease(task_id))
+                if current.state == State.RUNNING:
+                    pipe.zrem(self.keys.running(record.agent), task_id)
             if to in FINAL_STATES:
                 self._expire_finished(pipe, record, now)
             self.write_celery_result(pipe, record)
             commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
         return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
+
+    def state_event(self, pipe: Pipeline, record: TaskRecord) -> None:
+        """A change of state, in the task's events and in the fleet-wide
+        changes stream (with the kind of error it records, if any)."""
+        change: dict[Any, Any] = {"state": str(record.state), "attempt": str(record.attempts)}
+        if record.error is not None and record.state != State.SUCCEEDED:
+            change["error"] = record.error.kind
+        pipe.xadd(self.keys.events(record.id), {"type": "state", **change}, maxlen=EVENTS_MAXLEN,
+                  approximate=True)
+        pipe.xadd(self.keys.changes, {"task": record.id, "agent": record.agent, **change},
+                  maxlen=CHANGES_MAXLEN, approximate=True)
 
     def write_celery_result(self, pipe: Pipeline, record: TaskRecord) -> None:
         """The record's state where a Celery client's `AsyncResult` reads it,

@@ -1,6 +1,7 @@
-"""The child processes of `fleet worker` (one consumer per agent and the
-heartbeat), forked from a parent that has imported what they need, and
-restarted with backoff when one dies."""
+"""The child processes of `fleet worker` (one consumer per agent, the
+heartbeat and, with on_done hooks configured, their deliverer), forked
+from a parent that has imported what they need, and restarted with backoff
+when one dies."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from fleet.settings import FleetSettings
 from fleet.worker.consumer import serve_agent
 from fleet.worker.heartbeat import Heartbeat
+from fleet.worker.on_done import deliver_forever
 
 log = logging.getLogger("fleet.worker")
 
@@ -26,6 +28,7 @@ RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 HEARTBEAT = ":heartbeat"  # the heartbeat child's name beside the agents' (no agent name has a colon)
+ON_DONE = ":on-done"  # the on_done deliverer's
 STABLE_AFTER_S = 60.0  # a consumer up this long before it died restarts without backoff
 
 
@@ -51,7 +54,7 @@ class Children:
 
     def __init__(self, settings: FleetSettings, agents: list[str], heartbeat: Heartbeat) -> None:
         self.settings = settings
-        self.agents = [*agents, HEARTBEAT]
+        self.agents = [*agents, HEARTBEAT, *([ON_DONE] if settings.on_done else [])]
         self.heartbeat = heartbeat
         self.processes: dict[str, BaseProcess] = {}
         self.restarts: dict[str, int] = dict.fromkeys(self.agents, 0)
@@ -64,8 +67,10 @@ class Children:
         # child: hold the signals back until it is on the books.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            body: Callable[[], int | None] = (self.heartbeat.run if agent == HEARTBEAT
-                                               else partial(serve_agent, self.settings, agent))
+            body: Callable[[], int | None] = (
+                self.heartbeat.run if agent == HEARTBEAT
+                else partial(deliver_forever, self.settings) if agent == ON_DONE
+                else partial(serve_agent, self.settings, agent))
             process = multiprocessing.get_context("fork").Process(
                 target=run_child, args=(body, os.getpid(), previous), name=f"fleet-{agent}")
             process.start()

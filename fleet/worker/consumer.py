@@ -70,7 +70,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     alerts = Alerts(store.redis, store.keys, settings.alert_command)
     breaker = Breaker(store.redis, store.keys, alerts)
     registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
-    control = ConsumptionControl(breaker, registry, agent, settings.host, queues)
+    control = ConsumptionControl(breaker, registry, agent, settings.host, queues, spec.max_running)
     install(app, control)
     install_revoke(lambda task_id: log.info("task %s revoked through Celery: %s", task_id, revoke(
         store, task_id, "revoked through Celery (celery control revoke)")))

@@ -1,7 +1,9 @@
 """Whether one consumer process takes tasks, and making Celery follow it.
 
 A consumer holds back while its agent is paused (the circuit breaker is
-open, on every host) or its host is drained. A Celery consumer bootstep
+open, on every host), its host is drained, or the agent runs its
+`max_running` tasks on all hosts together (a `freed` notice, sent when a run
+of the agent ends, makes it look again at once). A Celery consumer bootstep
 hands us the consumer; holding back cancels consumption of the agent's
 queues (shared and pinned) and resuming re-adds them, through the
 consumer's own `call_soon` as Celery's remote control does. The flags in
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -25,8 +28,9 @@ log = logging.getLogger(__name__)
 
 class ConsumptionControl:
     def __init__(self, breaker: Breaker, registry: HostRegistry, agent: str, host: str,
-                 queues: list[str]) -> None:
+                 queues: list[str], max_running: int | None = None) -> None:
         self.breaker = breaker
+        self.max_running = max_running
         self.registry = registry
         self.agent = agent
         self.host = host
@@ -44,14 +48,18 @@ class ConsumptionControl:
         """Re-read the flags, bring consumption in line, and say why this
         consumer may not take tasks now (None: it may)."""
         reason = None
-        with redis_errors(), self.breaker.redis.pipeline(transaction=False) as pipe:  # both flags, one trip
+        with redis_errors(), self.breaker.redis.pipeline(transaction=False) as pipe:  # one trip
             pipe.exists(self.breaker.keys.paused(self.agent))
             pipe.exists(self.registry.keys.drain(self.host))
-            paused, drained = pipe.execute()
+            if self.max_running is not None:  # the slots whose lease has not expired
+                pipe.zcount(self.registry.keys.running(self.agent), int(time.time() * 1000), "+inf")
+            paused, drained, *running = pipe.execute()
         if paused:
             reason = f"agent {self.agent} is paused"
         elif drained:
             reason = f"host {self.host} is drained"
+        elif running and running[0] >= (self.max_running or 0):
+            reason = f"agent {self.agent} runs its max_running={self.max_running} tasks"
         with self._lock:
             consumer = self._consumer
             if consumer is None or (reason is None) == self._consuming:

@@ -139,6 +139,9 @@ class Housekeeper:
             log.warning("ignoring a control message fleet does not send: %.80r", data)
         elif message.notice == Notice.CANCEL:
             self.cancel(message.subject)
+        elif message.notice == Notice.FREED:  # only a consumer held back looks again
+            if message.subject == self.agent and not self.control.consuming:
+                self.report(self.control.held_back())
         elif message.subject in (self.agent, self.control.host):
             self.report(self.control.held_back())
 
@@ -171,7 +174,7 @@ class Housekeeper:
         for task in self.running.all():
             job = task.job
             asked_at = time.monotonic()
-            if self.store.leases.renew(job.task_id, self.owner, job.attempt, self.ttl_ms):
+            if self.store.leases.renew(job.task_id, self.agent, self.owner, job.attempt, self.ttl_ms):
                 task.renewed_at = asked_at
             else:
                 log.error("task %s: lease of attempt %d lost; ending this run", job.task_id,

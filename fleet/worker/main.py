@@ -19,6 +19,7 @@ from fleet.errors import UsageError
 from fleet.settings import FleetSettings
 from fleet.worker.children import Children
 from fleet.worker.heartbeat import Heartbeat
+from fleet.worker.on_done import hook_secrets
 
 log = logging.getLogger("fleet.worker")
 
@@ -41,6 +42,7 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
     the engine and the consumers' start-up work at once; what would fail
     them all (a missing image) is checked here first."""
     agents = agents_served(settings, agents)
+    hook_secrets(settings)  # a hook's missing secret fails here, not in its deliverer
     manager = ContainerManager(connect(), settings)
     images = {settings.agents[agent].image for agent in agents}
     if any(settings.agents[agent].egress for agent in agents):

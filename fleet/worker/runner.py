@@ -25,10 +25,19 @@ from fleet.container.engine import engine_errors
 from fleet.container.manager import ContainerManager
 from fleet.credentials.signing import KeyFile
 from fleet.credentials.tokens import TokenWatch, fingerprints_of, present
-from fleet.errors import EngineError, FleetError, LeaseHeld, StaleTransition, StateStoreError, TaskNotFound
+from fleet.errors import (
+    EngineError,
+    FleetError,
+    LeaseHeld,
+    SlotsTaken,
+    StaleTransition,
+    StateStoreError,
+    TaskNotFound,
+)
 from fleet.forwarding.base import ChannelBroken, ExitStatus, Forwarder, Job
 from fleet.record import State, TaskRecord, payload_problem, task_id_problem
 from fleet.settings import AgentSpec, FleetSettings
+from fleet.state.control import Notice, announce
 from fleet.state.records import new_task_id
 from fleet.state.store import TaskStore
 from fleet.worker.decision import AttemptFacts, decide, engine_failure, rejection
@@ -40,7 +49,8 @@ from fleet.worker.running import RunningTask, RunningTasks
 log = logging.getLogger(__name__)
 
 class HeldBack(FleetError):
-    """The agent is paused or the host drained: the message goes back to the queue."""
+    """The agent is paused, the host drained or the agent's max_running
+    reached: the message goes back to the queue."""
 
 
 @dataclass
@@ -166,33 +176,50 @@ class TaskRunner:
                                                         record.attempts, why, record.state))
         spec = self.settings.agent(record.agent)
         held: Container | None = None
+        claimed = False
         try:
-            with self.containers.use(record.agent, self.forwarder.connected) as container:
-                held = container
-                try:
-                    leased_at = time.monotonic()  # the lease runs from before the claim
-                    record = self.store.leases.claim(
-                        record, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
-                        host=self.settings.host, container=container.short_id)
-                except (StaleTransition, LeaseHeld) as refused:
-                    log.info("not running task %s: %s", task_id, refused)
-                    return None
-                done = self.attempt(record, payload, spec, container, leased_at)
-        except EngineError as error:
-            if isinstance(error, ChannelBroken) and held is not None:
-                self.condemn(held, str(error))
-            self.containers.invalidate(record.agent)
-            self.engine_failed(task_id, error, spec)
-            return None
-        if done.container_lost is not None:
-            self.containers.invalidate(record.agent)
-        until_stored(done.record, done.output.flush)
-        facts = self.facts(done)
-        decision = decide(facts, spec, self.rng)
-        if decision.outcome is None:
-            log.info("task %s attempt %d ended: %s", record.id, record.attempts, facts.reason)
-        written = self.effects.apply(done.record, decision)
-        return written if decision.outcome is not None else None
+            try:
+                with self.containers.use(record.agent, self.forwarder.connected) as container:
+                    held = container
+                    try:
+                        leased_at = time.monotonic()  # the lease runs from before the claim
+                        record = self.store.leases.claim(
+                            record, attempt, self.owner, int(self.settings.lease_ttl_s * 1000),
+                            spec.max_running, host=self.settings.host, container=container.short_id)
+                    except SlotsTaken as full:
+                        self.held_back()  # stops consuming until a slot is free
+                        raise HeldBack(str(full)) from None
+                    except (StaleTransition, LeaseHeld) as refused:
+                        log.info("not running task %s: %s", task_id, refused)
+                        return None
+                    claimed = True
+                    done = self.attempt(record, payload, spec, container, leased_at)
+            except EngineError as error:
+                if isinstance(error, ChannelBroken) and held is not None:
+                    self.condemn(held, str(error))
+                self.containers.invalidate(record.agent)
+                self.engine_failed(task_id, error, spec)
+                return None
+            if done.container_lost is not None:
+                self.containers.invalidate(record.agent)
+            until_stored(done.record, done.output.flush)
+            facts = self.facts(done)
+            decision = decide(facts, spec, self.rng)
+            if decision.outcome is None:
+                log.info("task %s attempt %d ended: %s", record.id, record.attempts, facts.reason)
+            written = self.effects.apply(done.record, decision)
+            return written if decision.outcome is not None else None
+        finally:
+            if claimed and spec.max_running is not None:  # its end has freed its slot
+                self.slot_freed()
+
+    def slot_freed(self) -> None:
+        """Tell the agent's consumers held back at max_running (on every
+        host) that a slot may be free: they look at once."""
+        try:
+            announce(self.store.redis, self.store.keys, Notice.FREED, self.agent)
+        except FleetError as error:  # they look again within a third of the lease anyway
+            log.info("could not announce a free slot of %s: %s", self.agent, error)
 
     def refusal(self, record: TaskRecord, payload: Any) -> str | None:
         """Why this consumer must not run the task at all (None: it may). It

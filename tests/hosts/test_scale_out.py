@@ -75,11 +75,13 @@ def start_hosts(fleet: Fleet, network: SimulatedNetwork, names: list[str]) -> di
     return workers
 
 
-def runs_on_every_host(fleet: Fleet, docker_client: docker.DockerClient, names: list[str]) -> list[Any]:
+def runs_on_every_host(fleet: Fleet, docker_client: docker.DockerClient, names: list[str],
+                       record: str = "runs") -> list[Any]:
+    """The runs recorded in the `record` file of each host's dev container."""
     runs = []
     for name in names:
         settings = fleet.settings.model_copy(update={"host_id": name})
-        runs += read_runs(docker_client.containers.get(container_name(settings, "dev")), "runs")
+        runs += read_runs(docker_client.containers.get(container_name(settings, "dev")), record)
     return runs
 
 
@@ -233,3 +235,50 @@ def test_a_pinned_task_runs_only_on_its_host_retries_included(
         assert len(done.stderr.strip().splitlines()) == 1
     assert len(client.tasks()) == before
     assert fleet.cli("hosts", "drain", "nosuch").returncode == 2
+
+
+def most_at_once(runs: list[Any]) -> int:
+    """The most runs going at one moment (a run with no recorded end counts as going on)."""
+    edges = sorted([(r.start, 1) for r in runs] + [(r.end, -1) for r in runs if r.end is not None],
+                   key=lambda edge: (edge[0], edge[1]))  # an end before a start at the same instant
+    going = most = 0
+    for _, step in edges:
+        going += step
+        most = max(most, going)
+    return most
+
+
+def test_max_running_caps_an_agent_across_three_hosts_and_a_cut_off_hosts_slots_come_back(
+        make_fleet: MakeFleet, network: SimulatedNetwork, docker_client: docker.DockerClient) -> None:
+    """3 hosts of 2 slots with max_running 3: never more than 3 run at once,
+    as the containers themselves recorded; tasks over the cap wait queued
+    (one attempt each); a host cut off holds its slots only until its
+    leases run out."""
+    fleet = make_fleet({"dev": {"concurrency": 2, "max_running": 3}}, redis_url=network.redis_url,
+                       heartbeat_s=1, lease_ttl_s=3)
+    start_hosts(fleet, network, HOSTS)
+    client = fleet.client()
+    ids = [client.submit("dev", {"sleep": 1, "record": "capped"}) for _ in range(15)]
+    records = client.wait_many(ids, 180)
+    assert {(r.state, r.attempts) for r in records} == {(State.SUCCEEDED, 1)}  # waited queued, not retried
+    runs = runs_on_every_host(fleet, docker_client, HOSTS, "capped")
+    assert len(runs) == 15 and most_at_once(runs) == 3, runs
+    print(f"\nmax_running 3 on 3 hosts of 2 slots: at most {most_at_once(runs)} at once, tasks per host "
+          f"{dict(sorted(Counter(r.host for r in records).items()))}")
+
+    # A host cut off while it runs: its slots are free again once its leases ran out.
+    ids = [client.submit("dev", {"sleep": 2, "record": "after-cut"}) for _ in range(18)]
+    first = eventually(lambda: next((r for r in client.store.records.many(ids) if r.state == State.RUNNING),
+                                     None), "a running task")
+    cut = network.host(first.host or "")
+    cut.cut()
+    cut_at = time.time()
+    try:
+        records = client.wait_many(ids, 180)
+    finally:
+        cut.restore()
+    assert {r.state for r in records} == {State.SUCCEEDED}
+    after = runs_on_every_host(fleet, docker_client, HOSTS, "after-cut")
+    assert most_at_once(after) <= 3, after
+    elsewhere = [r for r in after if r.start > cut_at + 3 and r.task not in {first.id}]
+    assert most_at_once(elsewhere) == 3, elsewhere  # the cut-off host's slots came back
