@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from fleet.version import __version__
 
 if TYPE_CHECKING:
+    from fleet.async_client import AsyncFleetClient
     from fleet.client import FleetClient
     from fleet.record import State, TaskRecord
 
-__all__ = ["FleetClient", "State", "TaskRecord", "__version__"]
+__all__ = ["AsyncFleetClient", "FleetClient", "State", "TaskRecord", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from fleet.client import FleetClient
 
         return FleetClient
+    if name == "AsyncFleetClient":
+        from fleet.async_client import AsyncFleetClient
+
+        return AsyncFleetClient
     if name in ("State", "TaskRecord"):
         from fleet import record
 

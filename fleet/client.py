@@ -18,18 +18,18 @@ from fleet.connection import connect_redis
 from fleet.credentials.alerts import Alerts
 from fleet.credentials.breaker import Breaker
 from fleet.credentials.signing import SigningKeys
-from fleet.errors import StateStoreError, UsageError, WaitTimeout
+from fleet.errors import StateStoreError, UsageError
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, payload_problem, priority_value
 from fleet.settings import FleetSettings, load_settings
+from fleet.state.completion import Completion
 from fleet.state.control import cancel
-from fleet.state.events import BLOCK_MS
 from fleet.state.hosts import HostRegistry
+from fleet.state.listing import Filters, Page
 from fleet.state.store import TaskStore
 
 if TYPE_CHECKING:
     from celery import Celery
 
-UNFINISHED = frozenset(str(state) for state in State if not state.final)
 MAX_SCHEDULE_S = 366 * 86400  # how far ahead a task may be scheduled
 BULK_LIMIT = 1_000_000  # what a bulk operation reads at most: every task a fleet keeps
 
@@ -168,37 +168,17 @@ class FleetClient:
     def as_completed(self, task_ids: Iterable[str], timeout: float | None = None) -> Iterator[TaskRecord]:
         """Each task's final record as it ends, the first to end first.
 
-        All of them are followed at once: one blocking read of all their
-        event streams at a time, on one connection, no thread per task. A
-        record is read again only when its stream says it may have become
-        final (or after a quiet spell). WaitTimeout if any is not final
+        All of them are followed at once (fleet.state.completion): one
+        blocking read of all their event streams at a time, on one
+        connection, no thread per task. WaitTimeout if any is not final
         within `timeout` seconds; TaskNotFound at once for an unknown id."""
-        pending = list(dict.fromkeys(task_ids))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        events = self.store.events
-        cursors = events.last_ids(pending)  # before the records are read: no event is missed between
-        maybe_final = pending
+        ids = list(dict.fromkeys(task_ids))
+        completion = Completion(ids, self.store.events.last_ids(ids), timeout)
         while True:
-            ended = [r for r in self.store.records.many(maybe_final) if r.state.final] if maybe_final else []
-            for record in sorted(ended, key=lambda r: r.finished_at or ""):
-                pending.remove(record.id)
-                del cursors[record.id]
-                yield record
-            if not pending:
+            yield from completion.ended(self.store.records.many(completion.to_read))
+            if completion.done:
                 return
-            block_ms = BLOCK_MS
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    more = f" and {len(pending) - 3} more" if len(pending) > 3 else ""
-                    raise WaitTimeout(", ".join(pending[:3]) + more, timeout or 0)
-                block_ms = max(1, min(block_ms, int(remaining * 1000)))
-            arrived = events.wait_any(cursors, block_ms)
-            maybe_final = [i for i, batch in arrived.items()  # a state fleet never writes: look too
-                           if any(e.type == "state" and e.fields.get("state") not in UNFINISHED
-                                  for e in batch)]
-            if not arrived:
-                maybe_final = list(pending)  # a quiet spell: look at the records themselves
+            completion.arrived(self.store.events.wait_any(completion.cursors, completion.block_ms()))
 
     def cancel(self, task_id: str) -> TaskRecord:
         """Cancel a queued, retrying or running task; a finished one is
@@ -233,11 +213,27 @@ class FleetClient:
         return [task_id for task_id in matching if self.cancel(task_id).state == State.CANCELLED]
 
     def tasks(self, agent: str | None = None, state: State | str | None = None,
-              limit: int = 1000) -> list[TaskRecord]:
-        """The newest `limit` tasks matching the filters, newest first."""
+              limit: int = 1000, host: str | None = None, key: str | None = None,
+              since: float | None = None) -> list[TaskRecord]:
+        """The newest `limit` tasks matching every filter given, newest first."""
+        return self.tasks_page(agent, state, limit, host, key, since).records
+
+    def tasks_page(self, agent: str | None = None, state: State | str | None = None,
+                   limit: int = 1000, host: str | None = None, key: str | None = None,
+                   since: float | None = None, cursor: str | None = None) -> Page:
+        """A page of the tasks matching every filter given (`host`: ran or
+        runs there, or pinned to it; `key`: the task of that idempotency
+        key; `since`: created at or after, epoch seconds), newest first;
+        pass its cursor back for the next page (fleet.state.listing)."""
         if agent is not None:
             self.settings.agent(agent)
-        return self.store.records.find(agent=agent, state=State(state) if state else None, limit=limit)
+        filters = Filters(agent=agent, state=State(state) if state else None, host=host, since=since)
+        if key is not None:
+            return Page(self.store.listing.by_key(key, filters)[:limit], None)
+        try:
+            return self.store.listing.page(filters, limit, cursor)
+        except ValueError as error:
+            raise UsageError(f"cursor: {error}") from None
 
     def resume(self, agent: str, why: str) -> bool:
         """Close the agent's breaker on every host; False if it was not open."""
@@ -252,7 +248,7 @@ class FleetClient:
 
         self.resume(agent, f"token {name} rotated")
         retried = []
-        for record in self.store.records.find(agent=agent, state=State.RETRYING):
+        for record in self.store.listing.find(Filters(agent=agent, state=State.RETRYING)):
             if record.error is not None and record.error.kind == ErrorKind.CREDENTIAL:
                 republish(self.app, self.settings, record, record.attempts + 1)
                 retried.append(record.id)

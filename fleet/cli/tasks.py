@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,24 +42,43 @@ DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h|d)")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def zoned_time(option: str, value: str) -> datetime:
+    """An option's ISO 8601 time, which must name its zone."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r} is not an ISO 8601 time (2026-12-01T09:00:00+00:00)") from None
+    if moment.tzinfo is None:
+        raise UsageError(f"{option} {value!r} has no time zone (add +00:00 or Z)")
+    return moment
+
+
+def duration_s(option: str, value: str) -> float:
+    """An option's duration (90s, 10m, 2h, 1d) in seconds."""
+    match = DURATION.fullmatch(value.strip())
+    if match is None:
+        raise UsageError(f"{option} {value!r} is not a duration like 90s, 10m, 2h or 1d")
+    return float(match.group(1)) * UNIT_S[match.group(2)]
+
+
 def when(at: str | None, in_: str | None) -> tuple[datetime | None, float | None]:
     """--at and --in as the client's eta and countdown."""
     if at is not None and in_ is not None:
         raise UsageError("give --at or --in, not both")
     if at is not None:
-        try:
-            eta = datetime.fromisoformat(at)
-        except ValueError:
-            raise UsageError(f"--at {at!r} is not an ISO 8601 time (2026-12-01T09:00:00+00:00)") from None
-        if eta.tzinfo is None:
-            raise UsageError(f"--at {at!r} has no time zone (add +00:00 or Z)")
-        return eta, None
+        return zoned_time("--at", at), None
     if in_ is not None:
-        match = DURATION.fullmatch(in_.strip())
-        if match is None:
-            raise UsageError(f"--in {in_!r} is not a duration like 90s, 10m, 2h or 1d")
-        return None, float(match.group(1)) * UNIT_S[match.group(2)]
+        return None, duration_s("--in", in_)
     return None, None
+
+
+def since_time(since: str | None) -> float | None:
+    """--since: a zoned ISO 8601 time, or a duration ago."""
+    if since is None:
+        return None
+    if DURATION.fullmatch(since.strip()):
+        return time.time() - duration_s("--since", since)
+    return zoned_time("--since", since).timestamp()
 
 
 @click.command()
@@ -114,19 +134,41 @@ def wait(ctx: Context, task_id: str, timeout: float | None) -> None:
 @click.command()
 @click.option("--agent")
 @click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--host", help="Only tasks that ran (or run) on this host, or are pinned to it.")
+@click.option("--key", help="Only the task this idempotency key names.")
+@click.option("--since", help="Only tasks created since: an ISO 8601 time, or a duration ago (10m, 2h).")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="At most this many, the newest.")
+              help="At most this many (a page).")
+@click.option("--cursor", help="The page after the one that printed this cursor.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="Follow changes as they happen: a live table on a terminal, "
+              "a line per change when piped.")
 @pass_context
-def tasks(ctx: Context, agent: str | None, state: str | None, limit: int, as_json: bool) -> None:
-    """List tasks, newest first."""
-    records = ctx.client.tasks(agent=agent, state=state, limit=limit)
-    if as_json:
-        click.echo(json.dumps([r.model_dump(mode="json", exclude={"key"}) for r in records]))
-        return
-    from fleet.cli.display import task_table
+def tasks(ctx: Context, agent: str | None, state: str | None, host: str | None, key: str | None,
+          since: str | None, limit: int, cursor: str | None, as_json: bool, watch: bool) -> None:
+    """List tasks, newest first (by creation; with --state, by when they
+    entered it). A page that is not the last ends with its cursor, on stderr."""
+    if watch:
+        if as_json or cursor or key:
+            raise UsageError("--watch takes --agent, --state, --host, --since and --limit only")
+        from fleet.cli.watch import watch as follow
+        from fleet.state.listing import Filters
 
-    task_table(records).print()
+        if agent is not None:
+            ctx.settings.agent(agent)
+        follow(ctx.client, Filters(agent=agent, state=State(state) if state else None, host=host,
+                                   since=since_time(since)), min(limit, 50))
+        return
+    page = ctx.client.tasks_page(agent=agent, state=state, host=host, key=key, since=since_time(since),
+                                 limit=limit, cursor=cursor)
+    if as_json:
+        click.echo(json.dumps([r.model_dump(mode="json", exclude={"key"}) for r in page.records]))
+    else:
+        from fleet.cli.display import task_table
+
+        task_table(page.records).print()
+    if page.cursor is not None:
+        click.echo(f"more: --cursor {page.cursor}", err=True)
 
 
 @click.command()

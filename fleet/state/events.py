@@ -88,14 +88,16 @@ class EventStreams:
         event, or block_ms passes: one read of all their streams, on one
         connection. Advances the cursors; the new events by task id."""
         streams: dict[Any, Any] = {self.keys.events(i): c for i, c in cursors.items()}
-        by_key = {self.keys.events(i): i for i in cursors}
         with redis_errors():
             reply: Any = self.redis.xread(streams, block=block_ms)
-        arrived = {}
-        for key, entries in reply or []:
-            cursors[by_key[key]] = entries[-1][0]
-            arrived[by_key[key]] = [Event(i, f) for i, f in entries]
-        return arrived
+        return arrived_events(self.keys, cursors, reply)
+
+    def newest_id(self, key: str) -> str:
+        """The id of stream `key`'s newest entry ("0-0" for none): a cursor
+        that follows only what comes after now."""
+        with redis_errors():
+            row: Any = self.redis.xrevrange(key, "+", "-", 1)
+        return str(row[0][0]) if row else "0-0"
 
     def last_ids(self, task_ids: list[str]) -> dict[str, str]:
         """The id of each task's newest event ("0-0" for none), in one round
@@ -104,8 +106,7 @@ class EventStreams:
             for task_id in task_ids:
                 pipe.xrevrange(self.keys.events(task_id), "+", "-", 1)
             rows: Any = pipe.execute()
-        return {task_id: str(row[0][0]) if row else "0-0"
-                for task_id, row in zip(task_ids, rows, strict=True)}
+        return newest_ids(task_ids, rows)
 
     # -- writing -------------------------------------------------------------
 
@@ -131,3 +132,19 @@ class EventStreams:
                                         [json.dumps(epoch), EVENTS_MAXLEN, *flat])
         if refused is not None:
             raise StaleTransition(f"task {task_id} is {refused}; a write of attempt {epoch} is stale")
+
+
+def arrived_events(keys: Keys, cursors: dict[str, str], reply: Any) -> dict[str, list[Event]]:
+    """An XREAD of tasks' streams (`wait_any`, and the asyncio client's):
+    the new events by task id, the cursors advanced past them."""
+    by_key = {keys.events(i): i for i in cursors}
+    arrived = {}
+    for key, entries in reply or []:
+        cursors[by_key[key]] = entries[-1][0]
+        arrived[by_key[key]] = [Event(i, f) for i, f in entries]
+    return arrived
+
+
+def newest_ids(task_ids: list[str], rows: list[Any]) -> dict[str, str]:
+    """Each task's newest event id from an XREVRANGE … COUNT 1 of its stream ("0-0": none)."""
+    return {task_id: str(row[0][0]) if row else "0-0" for task_id, row in zip(task_ids, rows, strict=True)}

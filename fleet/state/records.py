@@ -29,7 +29,6 @@ from fleet.state.scripts import load_script
 
 # `revision` is kept as a plain counter beside the JSON-encoded fields.
 CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many (some 25,000 tasks')
-FIND_CHUNK = 1000  # index entries read at a time when filtering by agent and state
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
 # Which state each state may move to; anything else is refused.
@@ -62,14 +61,14 @@ class TaskRecords:
 
     def get(self, task_id: str) -> TaskRecord:
         """The record, without its payload."""
-        record = self._records([task_id])[0]
+        record = self.maybe_many([task_id])[0]
         if record is None:
             raise TaskNotFound(task_id)
         return record
 
     def many(self, task_ids: list[str]) -> list[TaskRecord]:
         """The records of these tasks, in one round trip; TaskNotFound for the first missing."""
-        records = self._records(task_ids)
+        records = self.maybe_many(task_ids)
         for task_id, record in zip(task_ids, records, strict=True):
             if record is None:
                 raise TaskNotFound(task_id)
@@ -83,42 +82,13 @@ class TaskRecords:
         payload: dict[str, Any] = json.loads(raw.get("payload", "{}"))
         return decode_record(raw), payload
 
-    def find(self, agent: str | None = None, state: State | None = None,
-             limit: int = 1000) -> list[TaskRecord]:
-        """The newest `limit` tasks matching both filters, newest first (by
-        creation with only an agent, by entry into the state otherwise).
-        With both, the state's index is read newest first, a chunk at a
-        time, until `limit` of the agent's are found: none is missed however
-        many tasks of that state other agents have. Index entries whose
-        record has expired are pruned."""
-        if state is not None:
-            index: str | None = self.keys.by_state(state)
-        elif agent is not None:
-            index = self.keys.by_agent(agent)
-        else:
-            index = None
-        found: list[TaskRecord] = []
-        start, chunk = 0, max(limit, FIND_CHUNK) if agent is not None and state is not None else limit
-        while len(found) < limit:
-            ids = (self._all_ids(limit) if index is None
-                   else self._call(self.redis.zrevrange, index, start, start + chunk - 1))
-            for task_id, record in zip(ids, self._records(ids), strict=True):
-                if record is None:
-                    self._prune(task_id, index)
-                elif agent in (None, record.agent) and state in (None, record.state):
-                    found.append(record)
-            if index is None or len(ids) < chunk:
-                break
-            start += chunk
-        return found[:limit]
-
     def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
         """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
         ids = self._call(self.redis.zrangebyscore, self.keys.by_state(State.QUEUED), 0, before)
-        return [record for record in self._records(ids)
+        return [record for record in self.maybe_many(ids)
                 if record is not None and record.agent == agent and record.state == State.QUEUED]
 
-    def _records(self, ids: list[str]) -> list[TaskRecord | None]:
+    def maybe_many(self, ids: list[str]) -> list[TaskRecord | None]:
         """Records without their payloads (up to payload_limit each), in one
         round trip; None for a missing one, and for a key that holds no
         record fleet could have written (another type, fields that do not
@@ -135,25 +105,6 @@ class TaskRecords:
         the first to take a mark that lasts `hold_s`."""
         return bool(self._call(self.redis.set, self.keys.republishing(task_id), "1", nx=True,
                                px=int(hold_s * 1000)))
-
-    def _all_ids(self, limit: int) -> list[str]:
-        ids: dict[str, float] = {}
-        for state in State:
-            for task_id, score in self._call(
-                self.redis.zrevrange, self.keys.by_state(state), 0, limit - 1, withscores=True
-            ):
-                ids[task_id] = score
-        return sorted(ids, key=lambda i: ids[i], reverse=True)[:limit]
-
-    def _prune(self, task_id: str, index: str | None) -> None:
-        """Drop an expired task from the indexes (its agent's index is trimmed
-        by age when tasks finish)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in [index] if index else []:
-                pipe.zrem(key, task_id)
-            for state in State:
-                pipe.zrem(self.keys.by_state(state), task_id)
-            self._call(pipe.execute)
 
     # -- writing -------------------------------------------------------------
 

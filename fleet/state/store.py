@@ -1,5 +1,5 @@
-"""TaskStore: the three views of task state over one Redis connection —
-records and their transitions, leases, and event streams. A process makes
+"""TaskStore: the views of task state over one Redis connection — records
+and their transitions, leases, event streams, and listing tasks. A process makes
 one and hands the part it needs to each of its components."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import redis
 from fleet.state.events import EventStreams
 from fleet.state.keys import Keys
 from fleet.state.leases import Leases
+from fleet.state.listing import TaskListing
 from fleet.state.records import TaskRecords
 
 
@@ -19,3 +20,4 @@ class TaskStore:
         self.records = TaskRecords(client, self.keys, retention_s)
         self.events = EventStreams(client, self.keys)
         self.leases = Leases(client, self.keys, self.records)
+        self.listing = TaskListing(self.records)

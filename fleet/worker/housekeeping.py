@@ -44,6 +44,7 @@ from fleet.errors import FleetError, StaleTransition, TaskNotFound
 from fleet.record import State, task_id_problem
 from fleet.state.control import ControlMessage, ControlSubscription, Notice, cancel
 from fleet.state.hosts import HostRegistry
+from fleet.state.listing import Filters
 from fleet.state.store import TaskStore
 from fleet.worker.holdback import ConsumptionControl
 from fleet.worker.running import CANCELLED, LEASE_LOST, RunningTasks
@@ -243,13 +244,13 @@ class Housekeeper:
             self.queue_due()
         except Exception as error:  # whatever is in the schedule, the reaping below goes on
             log.error("agent %s: scheduled tasks not dealt with: %s", self.agent, error)
-        for record in self.store.records.find(agent=self.agent, state=State.RUNNING):
+        for record in self.store.listing.find(Filters(agent=self.agent, state=State.RUNNING)):
             if self.store.leases.owner(record.id) is None and self.store.leases.reclaim(record.id):
                 log.warning("task %s: attempt %d was lost (lease expired); publishing it again",
                             record.id, record.attempts)
                 self.republish(record, record.attempts + 1, 0.0)
         now = time.time()
-        for record in self.store.records.find(agent=self.agent, state=State.RETRYING):
+        for record in self.store.listing.find(Filters(agent=self.agent, state=State.RETRYING)):
             due = datetime.fromisoformat(record.retry_at).timestamp() if record.retry_at else now
             if now - due > OVERDUE_RETRY_S:
                 log.warning("task %s: retry overdue by %.0f s; publishing it again", record.id,

@@ -3,15 +3,26 @@ hearing when many tasks end without a thread or a poll each."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import signal
 import statistics
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
-from support import MakeFleet
+import pytest
+from support import FLEET, MakeFleet, RedisServer, start_redis
 
+from fleet.errors import TaskNotFound
 from fleet.record import State
+
+AOF = ("--appendonly", "yes", "--appendfsync", "always")
 
 
 def test_as_completed_follows_200_tasks_on_one_connection_without_a_thread_each(
@@ -100,19 +111,36 @@ def test_a_finished_task_is_retried_under_its_id_and_a_batch_is_cancelled(make_f
     assert all(client.status(t).attempts == 0 for t in batch)
 
 
-def test_a_scheduled_task_waits_for_its_time_through_a_worker_restart_and_can_be_cancelled(
-        make_fleet: MakeFleet) -> None:
-    fleet = make_fleet({"dev": {}}, lease_ttl_s=3)  # its housekeeper looks every second
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    """A Redis server of this test's own that writes everything to its
+    append-only file; a test that restarts it appends the new process."""
+    servers = [start_redis(tmp_path / "redis", *AOF)]
+    yield servers
+    for server in servers:
+        if server.process.poll() is None:
+            server.process.terminate()
+            server.process.wait(timeout=30)
+
+
+def test_a_scheduled_task_waits_for_its_time_through_worker_and_redis_restarts_and_can_be_cancelled(
+        make_fleet: MakeFleet, own_redis: list[RedisServer], tmp_path: Path) -> None:
+    server = own_redis[0]
+    fleet = make_fleet({"dev": {}}, lease_ttl_s=3, redis_url=server.url)  # its housekeeper looks every second
     worker = fleet.start_worker()
     worker.wait_for_line(" ready.")
     client = fleet.client()
-    task_id = fleet.cli("submit", "dev", "--in", "4s", "--payload", '{"echo": "later"}').stdout.strip()
-    dropped = fleet.cli("submit", "dev", "--in", "4s", "--payload", '{"echo": "never"}').stdout.strip()
+    task_id = fleet.cli("submit", "dev", "--in", "6s", "--payload", '{"echo": "later"}').stdout.strip()
+    dropped = fleet.cli("submit", "dev", "--in", "6s", "--payload", '{"echo": "never"}').stdout.strip()
     assert fleet.cli("cancel", dropped).returncode == 0
     record = client.status(task_id)
     assert record.state == State.SCHEDULED and record.run_at is not None
     worker.stop()
+    server.process.terminate()  # Redis goes away and comes back with what it had written
+    server.process.wait(timeout=30)
+    own_redis.append(start_redis(tmp_path / "redis", *AOF, port=server.port))
     fleet.start_worker().wait_for_line(" ready.")
+    client = fleet.client()
     done = client.wait(task_id, 60)
     assert done.state == State.SUCCEEDED and done.started_at is not None
     assert datetime.fromisoformat(done.started_at) >= datetime.fromisoformat(record.run_at)
@@ -135,3 +163,89 @@ def test_priorities_are_honoured_within_an_agents_queue(make_fleet: MakeFleet) -
     records = client.wait_many(list(ids.values()), 60)
     started = sorted(records, key=lambda r: r.started_at or "")
     assert [r.result["echo"] for r in started if r.result] == ["high", "normal", "normal 2", "5", "low"]
+
+
+def test_the_asyncio_client_waits_without_blocking_its_loop_on_one_connection(make_fleet: MakeFleet) -> None:
+    from fleet.async_client import AsyncFleetClient
+
+    fleet = make_fleet({"dev": {"concurrency": 2}})
+    fleet.start_worker().wait_for_line(" ready.")
+
+    async def orchestrate() -> tuple[list[str], list[Any], float, int]:
+        async with AsyncFleetClient(fleet.settings) as client:
+            ids = [await client.submit("dev", {"echo": str(n)}) for n in range(30)]
+            slow = await client.submit("dev", {"sleep": 2})
+            ticks: list[float] = []
+
+            async def tick() -> None:  # what a blocked loop would stop
+                while True:
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.create_task(tick())
+            ended = [record async for record in client.as_completed([*ids, slow], timeout=120)]
+            ticker.cancel()
+            gap = max(b - a for a, b in itertools.pairwise(ticks))
+            pool = client.redis.connection_pool
+            connections = len(pool._available_connections) + len(pool._in_use_connections)  # type: ignore[attr-defined]
+            failing = await client.submit("dev", {"exit": 2})
+            assert (await client.wait(failing, 60)).state == State.FAILED
+            assert [r.state for r in await client.wait_many(ids[:3], 10)] == [State.SUCCEEDED] * 3
+            with pytest.raises(TaskNotFound):
+                await client.status("no-such-task")
+            return [*ids, slow], ended, gap, connections
+
+    ids, ended, gap, connections = asyncio.run(orchestrate())
+    assert sorted(r.id for r in ended) == sorted(ids) and ended[-1].id == ids[-1]  # the slow one last
+    assert {r.state for r in ended} == {State.SUCCEEDED}
+    assert gap < 0.5, f"the event loop stood still for {gap:.2f} s"  # a blocking read would stop it 2 s
+    assert connections == 1
+
+
+def test_tasks_filters_combine_and_pages_follow_their_cursor_and_watch_follows_changes(
+        make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}, "boss": {}})
+    watcher = subprocess.Popen([FLEET, "tasks", "--watch", "--agent", "dev"], env=fleet.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        fleet.start_worker().wait_for_line(" ready.", count=2)
+        client = fleet.client()
+        keyed = client.submit("dev", {"echo": "keyed"}, key="build-7")
+        ran = [keyed, *(client.submit("dev", {"echo": str(n)}) for n in range(4))]
+        other = client.submit("boss", {"echo": "boss"})
+        client.wait_many([*ran, other], 60)
+        lines: list[str] = []
+        assert watcher.stdout is not None
+        while sum(" succeeded " in line for line in lines) < len(ran):
+            lines.append(watcher.stdout.readline())
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(10) == 0
+    assert all(any(task_id in line and " succeeded " in line for line in lines) for task_id in ran)
+    assert all(any(task_id in line and " running " in line for line in lines) for task_id in ran)
+    assert not any(other in line for line in lines)  # boss's, filtered out
+
+    def listed(*args: str) -> tuple[list[str], str]:
+        done = fleet.cli("tasks", "--json", *args)
+        assert done.returncode == 0, done.stderr
+        return [task["id"] for task in json.loads(done.stdout)], done.stderr
+
+    assert listed("--key", "build-7")[0] == [keyed]
+    assert listed("--key", "build-7", "--agent", "boss")[0] == []
+    assert listed("--host", "testhost", "--agent", "boss")[0] == [other]
+    assert listed("--host", "elsewhere")[0] == []
+    assert listed("--since", "1h", "--agent", "dev", "--state", "succeeded")[0] == list(reversed(ran))
+    assert listed("--since", "2099-01-01T00:00:00Z")[0] == []
+    pages, cursor = [], []
+    while True:
+        ids, more = listed("--agent", "dev", "--limit", "2", *cursor)
+        pages.append(ids)
+        if not more:
+            break
+        cursor = ["--cursor", more.split("--cursor ")[1].strip()]
+    assert pages == [list(reversed(ran))[i:i + 2] for i in (0, 2, 4)]
+    for args, why in ((["--since", "yesterday"], "--since 'yesterday' is not an ISO 8601 time"),
+                      (["--cursor", "nonsense"], "cursor: 'nonsense' is not a cursor fleet gave"),
+                      (["--watch", "--json"], "--watch takes")):
+        refused = fleet.cli("tasks", *args)
+        assert refused.returncode == 2 and why in refused.stderr and len(refused.stderr.splitlines()) == 1

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"fleet.container", "fleet.broker", "fleet.egress"},
     {"fleet.forwarding"},
     {"fleet.worker"},
-    {"fleet.client"},
+    {"fleet.client", "fleet.async_client"},
     {"fleet", "fleet.cli", "fleet.app"},  # `fleet` itself re-exports the client, lazily
 ]
 # Runs inside the agent's container, standard library only: imports nothing of fleet.

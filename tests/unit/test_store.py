@@ -9,6 +9,7 @@ import pytest
 
 from fleet.errors import StaleTransition, TaskNotFound
 from fleet.record import ErrorKind, State, TaskError
+from fleet.state.listing import Filters
 from fleet.state.store import TaskStore
 from fleet.worker.output import TRUNCATED, OutputRecorder
 
@@ -24,9 +25,9 @@ def test_create_is_queued_and_indexed(store: TaskStore) -> None:
     record = store.records.get(task_id)
     assert (record.state, record.agent, record.attempts) == (State.QUEUED, "dev", 0)
     assert store.records.get_with_payload(task_id)[1] == {"echo": "hi"}
-    assert [r.id for r in store.records.find(agent="dev")] == [task_id]
-    assert [r.id for r in store.records.find(state=State.QUEUED)] == [task_id]
-    assert store.records.find(agent="boss") == []
+    assert [r.id for r in store.listing.find(Filters(agent="dev"))] == [task_id]
+    assert [r.id for r in store.listing.find(Filters(state=State.QUEUED))] == [task_id]
+    assert store.listing.find(Filters(agent="boss")) == []
 
 
 def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
@@ -34,7 +35,7 @@ def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
     again, created_again = store.records.create("dev", {"other": 1}, key="k1")
     assert created and not created_again and again == first
     assert store.records.get_with_payload(first)[1] == {}
-    assert len(store.records.find(agent="dev")) == 1
+    assert len(store.listing.find(Filters(agent="dev"))) == 1
 
 
 def test_transitions_move_indexes_and_record_events(store: TaskStore) -> None:
@@ -42,7 +43,7 @@ def test_transitions_move_indexes_and_record_events(store: TaskStore) -> None:
     running = store.records.transition(task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
                                host="h1")
     assert (running.state, running.attempts, running.host) == (State.RUNNING, 1, "h1")
-    assert store.records.find(state=State.QUEUED) == []
+    assert store.listing.find(Filters(state=State.QUEUED)) == []
     store.records.transition(task_id, State.SUCCEEDED, result={"ok": 1})
     assert store.records.get(task_id).result == {"ok": 1}
     states = [e.fields["state"] for e in store.events.of_task(task_id) if e.type == "state"]
@@ -65,7 +66,7 @@ def test_finished_tasks_expire_after_retention(store: TaskStore) -> None:
     for key in (store.keys.task(task_id), store.keys.events(task_id), store.keys.idempotency("k")):
         assert 0 < r.ttl(key) <= 100
     r.delete(store.keys.task(task_id))  # as if it expired
-    assert store.records.find(agent="dev") == []
+    assert store.listing.find(Filters(agent="dev")) == []
     assert r.zcard(store.keys.by_agent("dev")) == 0
 
 

@@ -1,0 +1,99 @@
+"""`fleet tasks --watch`: the fleet's changes of state as they happen,
+followed on the fleet-wide changes stream (one blocking read at a time).
+On a terminal, a live table (rich) of the newest tasks matching the
+filters; piped, one line per change, for scripts and logs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from fleet.cli.display import task_table
+from fleet.client import FleetClient
+from fleet.record import TaskRecord
+from fleet.state.events import Event
+from fleet.state.listing import Filters
+
+BLOCK_MS = 2000
+
+
+def change_line(event: Event) -> str:
+    """One change as a line: when, task, agent, state, attempt, error kind."""
+    millis = int(event.id.partition("-")[0])
+    when = datetime.fromtimestamp(millis / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
+    fields = event.fields
+    return "  ".join([when, fields.get("task", ""), f"{fields.get('agent', ''):<12}",
+                      f"{fields.get('state', ''):<9}", f"attempt {fields.get('attempt', '0')}",
+                      fields.get("error", "")]).rstrip()
+
+
+class Watch:
+    def __init__(self, client: FleetClient, filters: Filters, limit: int) -> None:
+        self.client = client
+        self.filters = filters
+        self.limit = limit
+        self.store = client.store
+        stream = self.store.keys.changes  # from its newest entry, read before any record
+        self._follow = self.store.events.follow(stream, self.store.events.newest_id(stream),
+                                                block_ms=BLOCK_MS)
+
+    def changes(self) -> list[Event]:
+        """The next changes (empty after a quiet spell)."""
+        return next(self._follow)
+
+    def matching(self, batch: list[Event]) -> list[TaskRecord]:
+        """The records of the changed tasks that match the filters."""
+        ids = list(dict.fromkeys(e.fields.get("task", "") for e in batch if e.fields.get("task")))
+        return [r for r in self.store.records.maybe_many(ids) if r is not None and self.filters.match(r)]
+
+    def lines(self, console: Console) -> None:
+        """Piped: a line per change of a task that matches the filters."""
+        while True:
+            batch = self.changes()
+            shown = {r.id for r in self.matching(batch)}
+            for event in batch:
+                if event.fields.get("task") in shown and self.fits(event):
+                    console.print(change_line(event), highlight=False, soft_wrap=True)
+
+    def fits(self, event: Event) -> bool:
+        """A change in the state asked for (the record may have moved on since)."""
+        return self.filters.state is None or event.fields.get("state") == self.filters.state
+
+    def table(self, console: Console) -> None:
+        """On a terminal: the newest matching tasks, redrawn as they change."""
+        shown = {r.id: r for r in self.store.listing.find(self.filters, self.limit)}
+        with Live(self.render(shown), console=console, auto_refresh=False) as live:
+            while True:
+                batch = self.changes()
+                if not batch:
+                    continue
+                changed = {r.id: r for r in self.store.records.maybe_many(
+                    list({e.fields.get("task", "") for e in batch})) if r is not None}
+                for task_id, record in changed.items():
+                    if self.filters.match(record):
+                        shown[task_id] = record
+                    else:
+                        shown.pop(task_id, None)
+                live.update(self.render(shown), refresh=True)
+
+    def render(self, shown: dict[str, TaskRecord]) -> Table:
+        newest = sorted(shown.values(), key=lambda r: (r.created_at, r.id), reverse=True)[:self.limit]
+        for stale in set(shown) - {r.id for r in newest}:
+            del shown[stale]
+        return task_table(newest, title=f"fleet {self.client.settings.namespace}: watching "
+                                        "(Ctrl-C to stop)").table
+
+
+def watch(client: FleetClient, filters: Filters, limit: int) -> None:
+    console = Console()
+    follow = Watch(client, filters, limit)
+    try:
+        if console.is_terminal:
+            follow.table(console)
+        else:
+            follow.lines(console)
+    except KeyboardInterrupt:
+        return
