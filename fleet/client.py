@@ -58,7 +58,7 @@ class FleetClient:
     def __init__(self, settings: FleetSettings, redis_client: redis.Redis | None = None) -> None:
         self.settings = settings
         self.store = TaskStore(redis_client or connect_redis(settings),
-                               settings.namespace, settings.retention_s)
+                               settings.namespace, settings.retention_s, settings.on_done_hooks)
         self.alerts = Alerts(self.store.redis, self.store.keys, settings.alert_command)
         self.breaker = Breaker(self.store.redis, self.store.keys, self.alerts)
         self.hosts = HostRegistry(self.store.redis, self.store.keys, settings.heartbeat_s)

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -52,8 +54,16 @@ class OnDoneHook(BaseModel):
     def _one_way(self) -> OnDoneHook:
         if (self.url is None) == (not self.command):
             raise ValueError("give a hook either url or command")
-        if self.url is not None and self.secret_file is None:
-            raise ValueError("a url hook needs secret_file: its deliveries are signed")
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            try:
+                parts.port  # noqa: B018 (it raises for a port that is not a number)
+            except ValueError:
+                raise ValueError(f"url {self.url!r} has a port that is not a number") from None
+            if not parts.hostname:
+                raise ValueError(f"url {self.url!r} names no host")
+            if self.secret_file is None:
+                raise ValueError("a url hook needs secret_file: its deliveries are signed")
         if self.command and self.secret_file is not None:
             raise ValueError("secret_file is for url hooks")
         if any(not word for word in self.command):
@@ -70,6 +80,25 @@ class OnDoneHook(BaseModel):
         if len(key) < 16:
             raise ValueError(f"secret_file {str(self.secret_file)!r} holds under 16 bytes")
         return key
+
+
+def check_agents_hooks(hooks: Mapping[str, OnDoneHook], agents: Mapping[str, list[str]]) -> None:
+    """ValueError naming an agent's hook that is not configured."""
+    for agent, named in agents.items():
+        if unknown := [hook for hook in named if hook not in hooks]:
+            raise ValueError(f"agents.{agent}.on_done: no hook {unknown[0]!r} in on_done")
+
+
+def hooks_of_ends(hooks: Mapping[str, OnDoneHook],
+                  agents: Mapping[str, list[str]]) -> Callable[[str, list[str]], list[str]] | None:
+    """(agent, the task's own hooks) → the hooks its end is delivered to:
+    the agent's, then the task's, those configured only. None without hooks."""
+    if not hooks:
+        return None
+
+    def of_end(agent: str, named: list[str]) -> list[str]:
+        return [hook for hook in dict.fromkeys([*agents.get(agent, []), *named]) if hook in hooks]
+    return of_end
 
 
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +33,7 @@ from pydantic import (
 
 from fleet.egress_config import Injection, canonical_destination, check_host_name
 from fleet.errors import ConfigError
-from fleet.on_done_config import HookName, OnDoneHook
+from fleet.on_done_config import HookName, OnDoneHook, check_agents_hooks, hooks_of_ends
 from fleet.redis_url import check_redis_url, redact_credentials
 
 PROXY_IMAGE = "fleet-proxy:latest"
@@ -268,9 +268,7 @@ class FleetSettings(BaseModel):
 
     @model_validator(mode="after")
     def _hooks_known(self) -> FleetSettings:
-        for name, spec in self.agents.items():
-            if unknown := [hook for hook in spec.on_done if hook not in self.on_done]:
-                raise ValueError(f"agents.{name}.on_done: no hook {unknown[0]!r} in on_done")
+        check_agents_hooks(self.on_done, {name: spec.on_done for name, spec in self.agents.items()})
         return self
 
     @field_validator("egress_hosts")
@@ -294,6 +292,11 @@ class FleetSettings(BaseModel):
         if not value.is_file():
             raise ValueError(f"{str(value)!r} is not a file")
         return value
+
+    @property
+    def on_done_hooks(self) -> Callable[[str, list[str]], list[str]] | None:
+        """What a task's end is delivered to (None: no hooks configured)."""
+        return hooks_of_ends(self.on_done, {name: spec.on_done for name, spec in self.agents.items()})
 
     def agent(self, name: str) -> AgentSpec:
         from fleet.errors import UnknownAgent

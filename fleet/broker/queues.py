@@ -36,20 +36,26 @@ def waiting_messages(client: redis.Redis, keys: Keys, queues: list[str]) -> int:
         return sum(int(n) for n in pipe.execute())
 
 
-def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str]) -> set[str]:
+def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str],
+                       delivered_after: float | None = None) -> set[str]:
     """The ids of the tasks whose messages wait in these queues or have been
     delivered and not yet acknowledged (kombu's Redis layout: a list per
-    queue, one `unacked` hash for all)."""
+    queue, one `unacked` hash for all, and `unacked_index` scored by when
+    each was delivered). With `delivered_after` (epoch seconds), a message
+    delivered before then counts as not delivered: its consumer was cut off
+    with it, and it would come back only after the visibility timeout."""
     with redis_errors(), client.pipeline(transaction=False) as pipe:
         for queue in queues:
             for key in priority_lists(keys, queue):
                 pipe.lrange(key, 0, -1)
             pipe.lrange(keys.purged(queue), 0, -1)  # until their tasks are recorded cancelled
-        pipe.hvals(keys.unacked)
-        *waiting, delivered = pipe.execute()
+        pipe.hgetall(keys.unacked)
+        pipe.zrangebyscore(keys.unacked_index, "-inf" if delivered_after is None else delivered_after, "+inf")
+        *waiting, delivered, recent = pipe.execute()
     messages = [decoded(raw) for batch in waiting for raw in batch]
     messages += [entry[0] if isinstance(entry := decoded(raw), list) and entry else None
-                 for raw in delivered]  # [message, exchange, routing key]
+                 for tag, raw in delivered.items()  # [message, exchange, routing key]
+                 if delivered_after is None or tag in set(recent)]
     return {task_id for m in messages if (task_id := task_id_of(m)) is not None}
 
 

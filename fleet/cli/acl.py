@@ -55,7 +55,7 @@ def roles(namespace: str, db: int = 0) -> dict[str, Role]:
         "submitter": Role(
             "submitter", "publishes tasks and follows them",
             # The broker's queues and bindings only: not kombu's `unacked`, which workers restore from.
-            (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*", f"%W~{ns}:changes",
+            (f"%R~{ns}:*", f"%W~{ns}:task:*", f"%W~{ns}:index:*", f"%W~{ns}:idem:*",
              f"%W~{ns}:broker:{ns}.agent.*", f"%W~{ns}:broker:_kombu.*"),
             # Celery's `task-sent` events (no other event: Flower believes them).
             (f"&{ns}:control", f"&{ns}:broker:/{db}.celeryev/task.sent"),

@@ -1,66 +1,76 @@
 """The deliveries of on_done hooks, kept in Redis so that none is lost with
 the process (or the host) delivering it.
 
-A task's end is an entry of the fleet-wide changes stream, written with the
-record's change. Every host's deliverer reads that stream in one consumer
-group: each entry reaches one of them, which turns the end into one
-delivery per hook ("<change>|<task>|<hook>" in a sorted set scored by when it
-is due) and acknowledges the entry, in one transaction. A deliverer takes a
-due delivery by moving its score past the time a try may take (a lease, so
-no other host tries it meanwhile) and, after the try, removes it or makes it
-due again later. A host that dies mid-try leaves the delivery to be taken
-again when that lease runs out: deliveries are at least once, never lost."""
+A task's end schedules its deliveries itself: the final transition's Lua
+call (fleet.state.records) adds one delivery per hook — due now, with a
+snapshot of the final record — to keys only workers write. So nothing but a
+recorded end is ever delivered, a record rewritten later does not change
+what a hook hears, and an end is scheduled once however often anyone says
+it happened. A deliverer takes a due delivery by moving its score past the
+time a try may take (a lease, so no other host tries it meanwhile) and,
+after the try, removes it or makes it due again later. A host that dies
+mid-try leaves the delivery to be taken again when that lease runs out:
+deliveries are at least once, never lost."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from fleet.connection import redis_errors
+from fleet.record import TaskRecord
 from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
-
-GROUP = "on-done"
-STALE_AFTER_MS = 60_000  # an entry read but not acknowledged this long: its reader died
-
-
-@dataclass(frozen=True)
-class Change:
-    """One entry of the changes stream."""
-
-    id: str
-    task: str
-    agent: str
-    state: str
 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One hook to tell of one task's end; `tries` so far, `since` when it was first due."""
+    """One hook to tell of one end of a task (its attempt), with the record
+    as it ended; `tries` so far, `since` when it was scheduled."""
 
-    change: str
     task: str
+    attempt: int
     hook: str
-    tries: int
-    since: float
+    record: dict[str, Any]
+    tries: int = 0
+    since: float = 0.0
 
     @property
     def id(self) -> str:
-        return f"{self.change}|{self.task}|{self.hook}"
+        return delivery_id(self.task, self.attempt, self.hook)
+
+    def state(self) -> str:
+        return json.dumps({"tries": self.tries, "since": self.since, "record": self.record})
 
     @classmethod
-    def parse(cls, member: str, tries: str | None) -> Delivery | None:
-        parts = member.split("|")
-        if len(parts) != 3:
-            return None
-        count, _, since = (tries or "0 0").partition(" ")
+    def parse(cls, member: str, state: str | None) -> Delivery | None:
+        """A delivery from its id and stored state; None for what fleet did not write."""
+        task, _, rest = member.partition("|")
+        attempt, _, hook = rest.partition("|")
         try:
-            return cls(parts[0], parts[1], parts[2], tries=int(count), since=float(since))
-        except ValueError:
+            stored = json.loads(state or "")
+            return cls(task, int(attempt), hook, dict(stored["record"]), int(stored["tries"]),
+                       float(stored["since"]))
+        except (ValueError, KeyError, TypeError):
             return None
+
+
+def delivery_id(task_id: str, attempt: int, hook: str) -> str:
+    """The same for every try: a receiver dedups on it (task ids have no `|`)."""
+    return f"{task_id}|{attempt}|{hook}"
+
+
+def schedule(pipe: Pipeline, keys: Keys, record: TaskRecord, hooks: list[str], now: float) -> None:
+    """Add a final record's deliveries to a transition's writes (its Lua call)."""
+    snapshot = record.model_dump(mode="json")
+    for hook in hooks:
+        delivery = Delivery(record.id, record.attempts, hook, snapshot, 0, now)
+        pipe.zadd(keys.on_done_due, {delivery.id: now}, nx=True)
+        pipe.hsetnx(keys.on_done_deliveries, delivery.id, delivery.state())
 
 
 class Deliveries:
@@ -68,51 +78,21 @@ class Deliveries:
         self.redis = client
         self.keys = keys
         self._take_due = load_script(client, "take_due")
-
-    def join(self) -> None:
-        """Create the consumer group if there is none: it starts at the
-        stream's end (tasks that ended before any hook was configured are
-        not delivered)."""
-        with redis_errors():
-            try:
-                self.redis.xgroup_create(self.keys.changes, GROUP, id="$", mkstream=True)
-            except redis.ResponseError as error:
-                if "BUSYGROUP" not in str(error):
-                    raise
-
-    def changes(self, consumer: str, block_ms: int, count: int = 200) -> list[Change]:
-        """Changes no deliverer has taken: first those read by a deliverer
-        that did not acknowledge them within STALE_AFTER_MS (it died), then
-        new ones, waiting up to `block_ms` for one."""
-        with redis_errors():
-            stale: Any = self.redis.xautoclaim(self.keys.changes, GROUP, consumer, STALE_AFTER_MS,
-                                               count=count)
-            entries = list(stale[1]) if stale else []
-            if not entries:
-                reply: Any = self.redis.xreadgroup(GROUP, consumer, {self.keys.changes: ">"},
-                                                   count=count, block=block_ms)
-                entries = [entry for _, batch in reply or [] for entry in batch]
-        return [Change(entry_id, fields.get("task", ""), fields.get("agent", ""), fields.get("state", ""))
-                for entry_id, fields in entries if fields]  # a trimmed entry comes back empty
-
-    def schedule(self, change: Change, hooks: list[str], now: float) -> None:
-        """Turn a change into a delivery per hook, due now, and acknowledge
-        it: one transaction. Scheduling one twice changes nothing."""
-        with redis_errors(), self.redis.pipeline(transaction=True) as pipe:
-            for hook in hooks:
-                delivery = Delivery(change.id, change.task, hook, 0, now)
-                pipe.zadd(self.keys.on_done_due, {delivery.id: now}, nx=True)
-                pipe.hsetnx(self.keys.on_done_tries, delivery.id, f"0 {now}")
-            pipe.xack(self.keys.changes, GROUP, change.id)
-            pipe.execute()
+        self._later = load_script(client, "deliver_later")
 
     def take_due(self, now: float, lease_s: float, limit: int) -> list[Delivery]:
-        """Deliveries due by `now`, each held for `lease_s` by this caller."""
+        """Deliveries due by `now`, each held for `lease_s` by this caller.
+        What does not parse (not fleet's) is dropped."""
         with redis_errors():
-            rows: Any = self._take_due([self.keys.on_done_due, self.keys.on_done_tries],
+            rows: Any = self._take_due([self.keys.on_done_due, self.keys.on_done_deliveries],
                                        [now, now + lease_s, limit])
-        taken = [Delivery.parse(member, tries) for member, tries in zip(rows[::2], rows[1::2], strict=True)]
-        return [delivery for delivery in taken if delivery is not None]
+        taken = []
+        for member, state in zip(rows[::2], rows[1::2], strict=True):
+            if (delivery := Delivery.parse(member, state)) is not None:
+                taken.append(delivery)
+            else:
+                self.forget(member)
+        return taken
 
     def next_due(self) -> float | None:
         """When the soonest delivery is due (or its try's lease runs out)."""
@@ -122,16 +102,19 @@ class Deliveries:
 
     def done(self, delivery: Delivery) -> None:
         """Delivered, or given up on: forget it."""
-        self._both(lambda pipe: (pipe.zrem(self.keys.on_done_due, delivery.id),
-                                 pipe.hdel(self.keys.on_done_tries, delivery.id)))
+        self.forget(delivery.id)
+
+    def forget(self, member: str) -> None:
+        with redis_errors(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.on_done_due, member)
+            pipe.hdel(self.keys.on_done_deliveries, member)
+            pipe.execute()
 
     def later(self, delivery: Delivery, at: float) -> None:
-        """A failed try: count it, and try again at `at`."""
-        self._both(lambda pipe: (
-            pipe.zadd(self.keys.on_done_due, {delivery.id: at}, xx=True),
-            pipe.hset(self.keys.on_done_tries, delivery.id, f"{delivery.tries + 1} {delivery.since}")))
-
-    def _both(self, writes: Callable[[Any], Any]) -> None:
-        with redis_errors(), self.redis.pipeline(transaction=True) as pipe:
-            writes(pipe)
-            pipe.execute()
+        """A failed try: count it, and try again at `at` (unless another
+        deliverer finished it meanwhile)."""
+        counted = Delivery(delivery.task, delivery.attempt, delivery.hook, delivery.record,
+                           delivery.tries + 1, delivery.since)
+        with redis_errors():
+            self._later([self.keys.on_done_due, self.keys.on_done_deliveries],
+                        [counted.id, at, counted.state()])

@@ -5,12 +5,15 @@
     {ns}:index:agent:{agent}    zset   task ids of an agent, scored by creation time
     {ns}:index:state:{state}    zset   task ids in a state, scored by time of entry
     {ns}:index:schedule:{agent} zset   the agent's `scheduled` task ids, scored by when they are due
-    {ns}:changes                stream every task's changes of state (task, agent, state, attempt),
-                                       capped: what `fleet tasks --watch` follows and on_done hooks
-                                       are delivered from (consumer group "on-done")
-    {ns}:on-done:due            zset   deliveries of on_done hooks ("<change>|<task>|<hook>"), scored
-                                       by when they are next tried (or until when one is being tried)
-    {ns}:on-done:tries          hash   a delivery's tries so far and when it was first scheduled
+    {ns}:index:changes          stream every task's changes of state (task, agent, state, attempt),
+                                       capped: what `fleet tasks --watch` follows (written with the
+                                       records, by whoever writes them)
+    {ns}:on-done:due            zset   deliveries of on_done hooks ("<task>|<attempt>|<hook>"), scored
+                                       by when they are next tried (or until when one is being tried);
+                                       added by a task's final transition, written by workers only
+    {ns}:on-done:deliveries     hash   a delivery's tries so far, when it was scheduled, and the
+                                       record as the task ended
+    {ns}:on-done                pubsub "new deliveries are due": wakes the deliverers
     {ns}:agent:{agent}:running  zset   the agent's running task ids, scored by their lease's expiry
                                        (ms): its `max_running` slots, fleet-wide
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
@@ -64,15 +67,20 @@ class Keys:
 
     @property
     def changes(self) -> str:
-        return f"{self.namespace}:changes"
+        """Under `index:`: the roles that write records write it too."""
+        return f"{self.namespace}:index:changes"
 
     @property
     def on_done_due(self) -> str:
         return f"{self.namespace}:on-done:due"
 
     @property
-    def on_done_tries(self) -> str:
-        return f"{self.namespace}:on-done:tries"
+    def on_done_deliveries(self) -> str:
+        return f"{self.namespace}:on-done:deliveries"
+
+    @property
+    def on_done_notice(self) -> str:
+        return f"{self.namespace}:on-done"
 
     def running(self, agent: str) -> str:
         return f"{self.namespace}:agent:{agent}:running"
@@ -148,3 +156,8 @@ class Keys:
     def unacked(self) -> str:
         """The hash kombu keeps delivered, not yet acknowledged messages in."""
         return f"{self.broker_prefix}unacked"
+
+    @property
+    def unacked_index(self) -> str:
+        """kombu's sorted set of those messages' delivery tags, scored by when each was delivered."""
+        return f"{self.broker_prefix}unacked_index"

@@ -14,7 +14,7 @@ import redis
 from redis.client import Pipeline
 
 from fleet.connection import redis_errors
-from fleet.errors import LeaseHeld, SlotsTaken, StaleTransition
+from fleet.errors import LeaseHeld, SlotsTaken, StaleTransition, TaskNotFound
 from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso
 from fleet.state.keys import Keys
 from fleet.state.records import TaskRecords, decode_record, encode_record
@@ -46,38 +46,43 @@ class Leases:
         With `max_running`, the attempt first takes one of the agent's
         slots, fleet-wide (SlotsTaken if none is free); the slot is held
         as long as the lease and freed by the attempt's end."""
-        if max_running is None:
-            return self._claim(record, attempt, owner, ttl_ms, **fields)
-        slots = self.keys.running(record.agent)
-        with redis_errors():
-            taken = self._take_slot([slots], [record.id, max_running, ttl_ms])
-        if not taken:
-            raise SlotsTaken(f"agent {record.agent} runs its max_running={max_running} tasks")
-        try:
-            return self._claim(record, attempt, owner, ttl_ms, **fields)
-        except (StaleTransition, LeaseHeld):
-            if taken == 1:  # ours alone: give it back (2: the run that holds it keeps it)
-                with redis_errors():
-                    self.redis.zrem(slots, record.id)
-            raise
-
-    def _claim(self, record: TaskRecord, attempt: int | None, owner: str, ttl_ms: int,
-               **fields: Any) -> TaskRecord:
         task_id, current = record.id, record
         if record.state == State.RUNNING:  # its attempt may have been lost: take it over
             if self.owner(task_id) is not None:
                 raise LeaseHeld(f"task {task_id} attempt {record.attempts} runs under a live lease")
-            reclaimed = self.reclaim(task_id)
+            reclaimed = self.reclaim(task_id)  # which frees the lost attempt's slot
             if reclaimed is None:
                 raise LeaseHeld(f"task {task_id} was taken over meanwhile")
             attempt, current, record = None, self.records.get(task_id), reclaimed
         elif attempt is not None and record.attempts >= attempt:
             raise StaleTransition(f"task {task_id}: attempt {attempt} has already started")
-        return self.records.transition(
-            task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
-            epoch=record.attempts if attempt is None else attempt - 1, lease=(owner, ttl_ms),
-            current=current, error=None, exit_code=None, retry_at=None, started_at=now_iso(),
-            **fields)
+        taken = self.take_slot(record, max_running, ttl_ms) if max_running is not None else 0
+        try:
+            return self.records.transition(
+                task_id, State.RUNNING, update=lambda r: {"attempts": r.attempts + 1},
+                epoch=record.attempts if attempt is None else attempt - 1, lease=(owner, ttl_ms),
+                current=current, error=None, exit_code=None, retry_at=None, started_at=now_iso(),
+                **fields)
+        except (StaleTransition, TaskNotFound):
+            if taken == 1:  # ours alone: give it back (2: the run that holds it keeps it)
+                with redis_errors():
+                    self.redis.zrem(self.keys.running(record.agent), task_id)
+            raise
+
+    def take_slot(self, record: TaskRecord, max_running: int, ttl_ms: int) -> int:
+        """One of the agent's slots for this task: 1 taken, 2 it holds one
+        already; SlotsTaken if none is free."""
+        with redis_errors():
+            taken = int(self._take_slot([self.keys.running(record.agent)], [record.id, max_running, ttl_ms]))
+        if not taken:
+            raise SlotsTaken(f"agent {record.agent} runs its max_running={max_running} tasks")
+        return taken
+
+    def slots_taken(self, agent: str) -> int:
+        """How many of the agent's slots are held (by leases that have not
+        expired, on the server's clock)."""
+        with redis_errors():
+            return int(self._take_slot([self.keys.running(agent)], ["", 0, 0]))
 
     def reclaim(self, task_id: str) -> TaskRecord | None:
         """A running task whose lease expired: record the attempt `lost` and
@@ -115,9 +120,11 @@ class Leases:
             value = self.redis.get(self.keys.lease(task_id))
         return None if value is None else str(value)
 
-    def renew(self, task_id: str, agent: str, owner: str, attempt: int, ttl_ms: int) -> bool:
-        """Renew the attempt's lease (and its max_running slot, if it holds one)."""
+    def renew(self, task_id: str, agent: str, owner: str, attempt: int, ttl_ms: int,
+              capped: bool = False) -> bool:
+        """Renew the attempt's lease; with `capped` (its agent has
+        max_running), its slot too, taken back if it was lost."""
         with redis_errors():
             return bool(self._renew([self.keys.lease(task_id), self.keys.task(task_id),
                                      self.keys.running(agent)],
-                                    [f"{owner}|{attempt}", ttl_ms, str(attempt), task_id]))
+                                    [f"{owner}|{attempt}", ttl_ms, str(attempt), task_id, int(capped)]))

@@ -23,6 +23,7 @@ from fleet.connection import redis_errors
 from fleet.errors import StaleTransition, TaskNotFound
 from fleet.record import FINAL_STATES, State, TaskRecord, now_iso
 from fleet.state.celery_result import celery_meta
+from fleet.state.deliveries import schedule as schedule_deliveries
 from fleet.state.events import EVENTS_MAXLEN
 from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
@@ -32,6 +33,8 @@ CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many 
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
 # Which state each state may move to; anything else is refused.
+# The on_done hooks of a task's end: (agent, the task's own hooks) → hook names.
+OnDoneHooks = Callable[[str, list[str]], list[str]]
 # Signs a new task: (task id, agent, pinned host, payload, created at) → (key id, signature).
 Signer = Callable[[str, str, str | None, dict[str, Any], str], tuple[str, str]]
 
@@ -51,10 +54,12 @@ def new_task_id() -> str:
 
 
 class TaskRecords:
-    def __init__(self, client: redis.Redis, keys: Keys, retention_s: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, retention_s: int,
+                 on_done: OnDoneHooks | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.retention_s = retention_s
+        self.on_done = on_done  # the hooks a task's end is delivered to (none: no deliveries)
         self._apply_at_revision = load_script(client, "apply_at_revision")
 
     # -- reading -------------------------------------------------------------
@@ -289,6 +294,9 @@ class TaskRecords:
                     pipe.zrem(self.keys.running(record.agent), task_id)
             if to in FINAL_STATES:
                 self._expire_finished(pipe, record, now)
+                if self.on_done is not None and (hooks := self.on_done(record.agent, record.on_done)):
+                    schedule_deliveries(pipe, self.keys, record, hooks, now)
+                    pipe.publish(self.keys.on_done_notice, record.id)
             self.write_celery_result(pipe, record)
             commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
         return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from celery.exceptions import SecurityWarning
+from celery.exceptions import Reject, SecurityWarning
 from celery.signals import worker_shutting_down
 from docker.models.containers import Container
 
@@ -59,6 +59,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     # The consumer drives the Docker engine, which is root-equivalent anyway;
     # Celery's warning about running as root says nothing new here.
     warnings.filterwarnings("ignore", category=SecurityWarning)
+    logging.getLogger("celery.app.trace").addFilter(put_back_without_traceback)
     spec = settings.agent(agent)
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]
     owner = f"{settings.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -66,11 +67,12 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     app.conf.worker_consumer = "fleet.worker.celery_consumer:FleetConsumer"
     manager = ContainerManager(connect(), settings)
     store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
-                      settings.retention_s)
+                      settings.retention_s, settings.on_done_hooks)
     alerts = Alerts(store.redis, store.keys, settings.alert_command)
     breaker = Breaker(store.redis, store.keys, alerts)
     registry = HostRegistry(store.redis, store.keys, settings.heartbeat_s)
-    control = ConsumptionControl(breaker, registry, agent, settings.host, queues, spec.max_running)
+    control = ConsumptionControl(breaker, registry, agent, settings.host, queues, spec.max_running,
+                                 lambda: store.leases.slots_taken(agent))
     install(app, control)
     install_revoke(lambda task_id: log.info("task %s revoked through Celery: %s", task_id, revoke(
         store, task_id, "revoked through Celery (celery control revoke)")))
@@ -179,3 +181,11 @@ def redis_timeouts(settings: FleetSettings) -> dict[str, Any]:
     hanging on a cut link must not hold the housekeeper past the lease."""
     timeout = max(2.0, settings.lease_ttl_s / 3)
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout, "socket_keepalive": True}
+
+
+def put_back_without_traceback(record: logging.LogRecord) -> bool:
+    """Celery logs every message put back (Reject) with a traceback; one
+    held back (paused, drained, at max_running) is no error: one line."""
+    if record.exc_info and isinstance(record.exc_info[1], Reject):
+        record.exc_info = record.exc_text = None
+    return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, bootsteps
@@ -28,9 +28,14 @@ log = logging.getLogger(__name__)
 
 class ConsumptionControl:
     def __init__(self, breaker: Breaker, registry: HostRegistry, agent: str, host: str,
-                 queues: list[str], max_running: int | None = None) -> None:
+                 queues: list[str], max_running: int | None = None,
+                 slots_taken: Callable[[], int] | None = None) -> None:
+        """`slots_taken` counts the agent's max_running slots held (on
+        Redis's clock, as taking one does: a host whose clock is off does
+        not take and put back the same message over and over)."""
         self.breaker = breaker
         self.max_running = max_running
+        self.slots_taken = slots_taken
         self.registry = registry
         self.agent = agent
         self.host = host
@@ -48,17 +53,16 @@ class ConsumptionControl:
         """Re-read the flags, bring consumption in line, and say why this
         consumer may not take tasks now (None: it may)."""
         reason = None
-        with redis_errors(), self.breaker.redis.pipeline(transaction=False) as pipe:  # one trip
+        with redis_errors(), self.breaker.redis.pipeline(transaction=False) as pipe:  # both flags, one trip
             pipe.exists(self.breaker.keys.paused(self.agent))
             pipe.exists(self.registry.keys.drain(self.host))
-            if self.max_running is not None:  # the slots whose lease has not expired
-                pipe.zcount(self.registry.keys.running(self.agent), int(time.time() * 1000), "+inf")
-            paused, drained, *running = pipe.execute()
+            paused, drained = pipe.execute()
         if paused:
             reason = f"agent {self.agent} is paused"
         elif drained:
             reason = f"host {self.host} is drained"
-        elif running and running[0] >= (self.max_running or 0):
+        elif self.max_running is not None and self.slots_taken is not None \
+                and self.slots_taken() >= self.max_running:
             reason = f"agent {self.agent} runs its max_running={self.max_running} tasks"
         with self._lock:
             consumer = self._consumer

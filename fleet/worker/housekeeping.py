@@ -30,10 +30,11 @@ carries its attempt and is refused."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from datetime import UTC, datetime
 
@@ -41,7 +42,7 @@ from fleet.broker.publish import Republish
 from fleet.broker.queues import forget_purged, published_task_ids, purged_messages
 from fleet.broker.routing import queue_name
 from fleet.errors import FleetError, StaleTransition, TaskNotFound
-from fleet.record import State, task_id_problem
+from fleet.record import State, TaskRecord, task_id_problem
 from fleet.state.control import ControlMessage, ControlSubscription, Notice, cancel
 from fleet.state.hosts import HostRegistry
 from fleet.state.listing import Filters
@@ -175,7 +176,8 @@ class Housekeeper:
         for task in self.running.all():
             job = task.job
             asked_at = time.monotonic()
-            if self.store.leases.renew(job.task_id, self.agent, self.owner, job.attempt, self.ttl_ms):
+            if self.store.leases.renew(job.task_id, self.agent, self.owner, job.attempt, self.ttl_ms,
+                                       capped=self.control.max_running is not None):
                 task.renewed_at = asked_at
             else:
                 log.error("task %s: lease of attempt %d lost; ending this run", job.task_id,
@@ -250,24 +252,42 @@ class Housekeeper:
                             record.id, record.attempts)
                 self.republish(record, record.attempts + 1, 0.0)
         now = time.time()
-        for record in self.store.listing.find(Filters(agent=self.agent, state=State.RETRYING)):
-            due = datetime.fromisoformat(record.retry_at).timestamp() if record.retry_at else now
-            if now - due > OVERDUE_RETRY_S:
-                log.warning("task %s: retry overdue by %.0f s; publishing it again", record.id,
-                            now - due)
-                self.republish(record, record.attempts + 1, 0.0)
-                self.store.records.transition(record.id, State.RETRYING, epoch=record.attempts,
-                                      retry_at=datetime.fromtimestamp(now, UTC).isoformat())
+        self.republish_overdue_retries(now)
         if time.monotonic() >= self.next_lost_message_check:
             self.next_lost_message_check = time.monotonic() + self.lost_message_after_s / 2
             self.republish_lost_messages(now)
+
+    def queues_of(self, records: Iterable[TaskRecord]) -> list[str]:
+        """The queues these tasks' messages go to (shared, or pinned to a host)."""
+        return sorted({queue_name(self.store.keys.namespace, self.agent, r.pinned_host) for r in records})
+
+    def republish_overdue_retries(self, now: float) -> None:
+        """A `retrying` task long past its due time lost its delayed message
+        with a dead consumer: publish it again — unless its message waits in
+        a queue (put back while the agent was at its max_running)."""
+        overdue = []
+        for record in self.store.listing.find(Filters(agent=self.agent, state=State.RETRYING)):
+            due = datetime.fromisoformat(record.retry_at).timestamp() if record.retry_at else now
+            if now - due > OVERDUE_RETRY_S:
+                overdue.append((record, due))
+        if not overdue:
+            return
+        waiting = published_task_ids(self.store.redis, self.store.keys, self.queues_of(r for r, _ in overdue),
+                                     delivered_after=math.inf)
+        for record, due in overdue:
+            if record.id in waiting:
+                continue
+            log.warning("task %s: retry overdue by %.0f s; publishing it again", record.id, now - due)
+            self.republish(record, record.attempts + 1, 0.0)
+            self.store.records.transition(record.id, State.RETRYING, epoch=record.attempts,
+                                          retry_at=datetime.fromtimestamp(now, UTC).isoformat())
 
     def republish_lost_messages(self, now: float) -> None:
         waiting = self.store.records.queued_before(self.agent, now - self.lost_message_after_s)
         if not waiting:
             return
-        queues = sorted({queue_name(self.store.keys.namespace, self.agent, r.pinned_host) for r in waiting})
-        published = published_task_ids(self.store.redis, self.store.keys, queues)
+        published = published_task_ids(self.store.redis, self.store.keys, self.queues_of(waiting),
+                                       delivered_after=now - self.lost_message_after_s)
         for record in waiting:
             if record.id in published or not self.store.records.take_republish_turn(
                     record.id, self.lost_message_after_s):
@@ -275,7 +295,7 @@ class Housekeeper:
             if self.store.records.get(record.id).state != State.QUEUED:  # it ran meanwhile
                 continue
             log.warning("task %s: queued for over %.0f s and its message is in no queue and with no "
-                        "consumer: publishing it again", record.id, self.lost_message_after_s)
+                        "live consumer: publishing it again", record.id, self.lost_message_after_s)
             self.store.events.add(record.id, "message_republished", reason="lost")
             self.republish(record, record.attempts + 1, 0.0)
 

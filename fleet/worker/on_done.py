@@ -5,36 +5,41 @@ same JSON on its stdin — retrying with exponential backoff until it is
 delivered or the hook's `give_up_after_s` has passed. Every try is
 recorded in the task's events (`on_done`: delivered, failed, abandoned).
 
-What is delivered and when lives in Redis (`fleet.state.deliveries`), so
-hosts share the work and none is lost with a host; delivery is at least
-once: a receiver dedups by the X-Fleet-Delivery header."""
+What is delivered and when lives in Redis (`fleet.state.deliveries`): a
+final transition schedules its deliveries itself, so hosts share the work
+and none is lost with a host; delivery is at least once (a receiver dedups
+on the X-Fleet-Delivery header). Tries run on a few threads, each under a
+lease; the loop goes on taking due deliveries while slow ones are tried,
+woken by a notice when an end schedules new ones."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import random
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from fleet.connection import connect_redis
+from fleet.connection import connect_redis, redis_errors
 from fleet.credentials.alerts import run_hook_command
-from fleet.errors import FleetError, TaskNotFound, UsageError
+from fleet.errors import FleetError, UsageError
 from fleet.on_done_config import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, OnDoneHook, signature
-from fleet.record import FINAL_STATES, TaskRecord
 from fleet.settings import FleetSettings
-from fleet.state.deliveries import Change, Deliveries, Delivery
+from fleet.state.deliveries import Deliveries, Delivery
 from fleet.state.store import TaskStore
 from fleet.worker.consumer import redis_timeouts
 
 log = logging.getLogger("fleet.on_done")
 
-PARALLEL = 8  # deliveries tried at once: a slow receiver does not hold up the others
-BATCH = 64  # due deliveries taken at a time
-IDLE_MS = 1000  # the longest a deliverer waits before it looks at due deliveries again
+PARALLEL = 8  # tries at once: a slow receiver holds up at most this many
+IDLE_S = 1.0  # the longest the deliverer waits before it looks at due deliveries again
+BUSY_S = 0.05  # how often it looks while every thread is trying one
+MAX_DOUBLINGS = 30  # backoff_s * 2**30 is past any backoff_max_s
+UNKNOWN_HOOK_RETRY_S = 60.0  # a hook another host has and this one not: left for a while
 
 
 def hook_secrets(settings: FleetSettings) -> dict[str, bytes]:
@@ -45,22 +50,16 @@ def hook_secrets(settings: FleetSettings) -> dict[str, bytes]:
         raise UsageError(f"on_done: {error}") from None
 
 
-def hooks_of(settings: FleetSettings, record: TaskRecord) -> list[str]:
-    """The hooks a task's end is delivered to: its agent's, then its own
-    (those not configured here are left out, and logged)."""
-    spec = settings.agents.get(record.agent)
-    named = list(dict.fromkeys([*(spec.on_done if spec else []), *record.on_done]))
-    unknown = [name for name in named if name not in settings.on_done]
-    if unknown:
-        log.warning("task %s names on_done hooks not configured here: %s", record.id, ", ".join(unknown))
-    return [name for name in named if name in settings.on_done]
-
-
-def body_of(delivery: Delivery, record: TaskRecord) -> bytes:
+def body_of(delivery: Delivery) -> bytes:
     """What a hook receives: the delivery's id, the hook's name and the
-    task's record as it stands (final; without its payload)."""
-    return json.dumps({"delivery": delivery.id, "hook": delivery.hook,
-                       "task": record.model_dump(mode="json")}).encode()
+    task's record as it ended (without its payload)."""
+    return json.dumps({"delivery": delivery.id, "hook": delivery.hook, "task": delivery.record}).encode()
+
+
+def backoff(hook: OnDoneHook, tries: int, jitter: float) -> float:
+    """The wait before try `tries + 1`: doubling from backoff_s, at most backoff_max_s."""
+    doubled: float = hook.backoff_s * 2.0 ** min(tries - 1, MAX_DOUBLINGS)
+    return min(doubled, hook.backoff_max_s) * jitter
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -71,75 +70,79 @@ class NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 class Deliverer:
-    def __init__(self, settings: FleetSettings, store: TaskStore, consumer: str) -> None:
+    def __init__(self, settings: FleetSettings, store: TaskStore) -> None:
         self.settings = settings
         self.store = store
         self.deliveries = Deliveries(store.redis, store.keys)
-        self.consumer = consumer
         self.secrets = hook_secrets(settings)
         self.lease_s = max((hook.timeout_s for hook in settings.on_done.values()), default=10.0) + 30.0
         self.opener = urllib.request.build_opener(NoRedirects())
         self.rng = random.Random()
+        self.trying: set[Future[None]] = set()
 
     def run(self) -> None:
         """Deliver until the process is stopped; Redis being away is waited out."""
         with ThreadPoolExecutor(PARALLEL, thread_name_prefix="on-done") as pool:
             while True:
                 try:
-                    self.deliveries.join()
-                    while True:
-                        self.step(pool)
+                    with redis_errors(), self.store.redis.pubsub(  # type: ignore[no-untyped-call]
+                            ignore_subscribe_messages=True) as notices:
+                        notices.subscribe(self.store.keys.on_done_notice)
+                        while True:
+                            self.step(pool)
+                            self.wait(notices)
                 except FleetError as error:
                     log.warning("on_done deliveries: %s; trying again", error)
                     time.sleep(1)
 
     def step(self, pool: ThreadPoolExecutor) -> None:
-        """Take the new ends of tasks, then try what is due."""
-        soonest = self.deliveries.next_due()
-        wait_ms = IDLE_MS if soonest is None else int((soonest - time.time()) * 1000)
-        for change in self.deliveries.changes(self.consumer, max(1, min(IDLE_MS, wait_ms))):
-            self.schedule(change)
-        due = self.deliveries.take_due(time.time(), self.lease_s, BATCH)
-        list(pool.map(self.deliver, due))
+        """Start trying the due deliveries there are threads for."""
+        self.trying = {future for future in self.trying if not future.done()}
+        free = PARALLEL - len(self.trying)
+        if free > 0:
+            for delivery in self.deliveries.take_due(time.time(), self.lease_s, free):
+                self.trying.add(pool.submit(self.deliver, delivery))
 
-    def schedule(self, change: Change) -> None:
-        hooks: list[str] = []
-        if change.state in FINAL_STATES:
-            try:
-                record = self.store.records.get(change.task)
-            except TaskNotFound:
-                record = None
-            # A change its record does not show (retried since; or not fleet's) is not delivered.
-            if record is not None and record.state == change.state:
-                hooks = hooks_of(self.settings, record)
-        self.deliveries.schedule(change, hooks, time.time())
+    def wait(self, notices: Any) -> None:
+        """Until an end schedules deliveries, the soonest is due, or a
+        thread is free again to try one."""
+        soonest = self.deliveries.next_due()
+        wait_s = IDLE_S if soonest is None else min(IDLE_S, max(0.0, soonest - time.time()))
+        if len(self.trying) >= PARALLEL:
+            wait_s = min(wait_s, BUSY_S)
+        with redis_errors():
+            if wait_s > 0 and notices.get_message(timeout=wait_s) is not None:
+                while notices.get_message(timeout=0) is not None:  # one look serves them all
+                    pass
 
     def deliver(self, delivery: Delivery) -> None:
-        """Try one delivery and record how it went."""
-        hook = self.settings.on_done.get(delivery.hook)
+        """One try, recorded; nothing that goes wrong in it stops the deliverer."""
         try:
-            record = self.store.records.get(delivery.task)
-        except TaskNotFound:
-            record = None
-        if hook is None or record is None:
-            log.warning("on_done %s of task %s dropped: %s", delivery.hook, delivery.task,
-                        "the hook is no longer configured" if hook is None else "the task has expired")
-            self.deliveries.done(delivery)
-            return
-        body = body_of(delivery, record)
-        problem = self.post(hook, delivery, body) if hook.url else run_hook_command(
-            hook.command, body, hook.timeout_s)
+            self.try_once(delivery)
+        except Exception:  # the delivery stays leased, and is tried again when the lease runs out
+            log.exception("on_done %s of task %s: the try failed unexpectedly", delivery.hook, delivery.task)
+
+    def try_once(self, delivery: Delivery) -> None:
+        hook = self.settings.on_done.get(delivery.hook)
         tries = delivery.tries + 1
+        problem: str | None
+        if hook is None:
+            problem = f"hook {delivery.hook!r} is not configured on host {self.settings.host}"
+            give_up_after_s, delay = 86400.0, UNKNOWN_HOOK_RETRY_S
+        else:
+            body = body_of(delivery)
+            problem = self.post(hook, delivery, body) if hook.url else run_hook_command(
+                hook.command, body, hook.timeout_s)
+            give_up_after_s, delay = hook.give_up_after_s, backoff(hook, tries, self.rng.uniform(0.8, 1.0))
         if problem is None:
             self.deliveries.done(delivery)
             self.note(delivery, "delivered", tries=str(tries))
-        elif time.time() - delivery.since >= hook.give_up_after_s:
+        elif time.time() - delivery.since >= give_up_after_s:
             self.deliveries.done(delivery)
             log.error("on_done %s of task %s abandoned after %d tries: %s", delivery.hook, delivery.task,
                       tries, problem)
             self.note(delivery, "abandoned", tries=str(tries), error=problem)
         else:
-            delay = min(hook.backoff_s * 2 ** (tries - 1), hook.backoff_max_s) * self.rng.uniform(0.8, 1.0)
             self.deliveries.later(delivery, time.time() + delay)
             log.info("on_done %s of task %s failed (try %d, again in %.1f s): %s", delivery.hook,
                      delivery.task, tries, delay, problem)
@@ -160,14 +163,16 @@ class Deliverer:
             return f"HTTP {error.code}"
         except urllib.error.URLError as error:
             return f"unreachable: {error.reason}"
-        except OSError as error:  # a timeout, a reset
-            return f"unreachable: {error}"
+        except (OSError, http.client.HTTPException) as error:  # a timeout, a reset, not HTTP at all
+            return f"unreachable: {type(error).__name__}: {error}"
         return None if 200 <= status < 300 else f"HTTP {status}"
 
     def note(self, delivery: Delivery, outcome: str, **fields: str) -> None:
+        """The try in the task's events, if its record is still kept."""
         try:
-            self.store.events.add(delivery.task, "on_done", None, hook=delivery.hook, outcome=outcome,
-                                  delivery=delivery.id, **fields)
+            if self.store.records.maybe_many([delivery.task])[0] is not None:
+                self.store.events.add(delivery.task, "on_done", None, hook=delivery.hook, outcome=outcome,
+                                      delivery=delivery.id, **fields)
         except FleetError as error:
             log.warning("on_done %s of task %s %s, not recorded: %s", delivery.hook, delivery.task, outcome,
                         error)
@@ -177,4 +182,4 @@ def deliver_forever(settings: FleetSettings) -> None:
     """The body of the deliverer child of `fleet worker`."""
     store = TaskStore(connect_redis(settings, **redis_timeouts(settings)), settings.namespace,
                       settings.retention_s)
-    Deliverer(settings, store, settings.host).run()
+    Deliverer(settings, store).run()

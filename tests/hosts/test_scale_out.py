@@ -22,6 +22,7 @@ from simhosts import SimulatedNetwork
 from support import Fleet, MakeFleet, child_pids, overlapping, read_runs, wait_for_state
 
 from fleet.container.spec import container_name
+from fleet.errors import WaitTimeout
 from fleet.record import ErrorKind, State
 
 HOSTS = ["h1", "h2", "h3"]
@@ -254,8 +255,9 @@ def test_max_running_caps_an_agent_across_three_hosts_and_a_cut_off_hosts_slots_
     as the containers themselves recorded; tasks over the cap wait queued
     (one attempt each); a host cut off holds its slots only until its
     leases run out."""
+    # lost_message_after_s: a message the cut-off host held stays with it for the visibility timeout
     fleet = make_fleet({"dev": {"concurrency": 2, "max_running": 3}}, redis_url=network.redis_url,
-                       heartbeat_s=1, lease_ttl_s=3)
+                       heartbeat_s=1, lease_ttl_s=3, lost_message_after_s=5)
     start_hosts(fleet, network, HOSTS)
     client = fleet.client()
     ids = [client.submit("dev", {"sleep": 1, "record": "capped"}) for _ in range(15)]
@@ -274,7 +276,10 @@ def test_max_running_caps_an_agent_across_three_hosts_and_a_cut_off_hosts_slots_
     cut.cut()
     cut_at = time.time()
     try:
-        records = client.wait_many(ids, 180)
+        records = client.wait_many(ids, 120)
+    except WaitTimeout:
+        states = [(r.id, r.state, r.host) for r in client.store.records.many(ids)]
+        raise AssertionError(f"not all ended: {states}") from None
     finally:
         cut.restore()
     assert {r.state for r in records} == {State.SUCCEEDED}

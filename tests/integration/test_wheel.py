@@ -42,6 +42,9 @@ PACKAGE_DATA = {
     "fleet/state/lua/apply_at_revision.lua",
     "fleet/state/lua/fenced_xadd.lua",
     "fleet/state/lua/renew_lease.lua",
+    "fleet/state/lua/take_slot.lua",
+    "fleet/state/lua/take_due.lua",
+    "fleet/state/lua/deliver_later.lua",
     "fleet/py.typed",
 }
 

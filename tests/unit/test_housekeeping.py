@@ -37,6 +37,7 @@ class FakeControl:
     host: str = "h1"
     consuming: bool = True
     queues: tuple[str, ...] = ("ns.agent.dev", "ns.agent.dev.host.h1")
+    max_running: int | None = None
 
     def held_back(self) -> str | None:
         return None
@@ -195,6 +196,33 @@ def test_reap_publishes_a_long_overdue_retry_again(
     assert time.time() - datetime.fromisoformat(after.retry_at).timestamp() < OVERDUE_RETRY_S
     keeper.reap()  # due again from now: not published again at once
     assert len(republished.calls) == 1
+
+
+def test_an_overdue_retry_whose_message_waits_in_its_queue_is_not_published_again(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    """Found in review: a retry put back in the queue while its agent was at
+    max_running was published again every minute."""
+    waiting = retrying(store, due_ago_s=OVERDUE_RETRY_S + 30)
+    store.redis.lpush(store.keys.queue("ns.agent.dev"), json.dumps({"headers": {"id": waiting.id}}))
+    keeper.reap()
+    assert republished.calls == []
+
+
+def test_a_queued_task_whose_message_a_cut_off_consumer_holds_is_published_again(
+        keeper: Housekeeper, store: TaskStore, republished: Republisher) -> None:
+    """Its message sits in kombu's unacked hash until the visibility timeout
+    (an hour or more): delivered longer ago than lost_message_after_s while
+    the task is still queued, no live consumer has it."""
+    stranded, _ = store.records.create("dev", {})
+    held, _ = store.records.create("dev", {})
+    long_ago = time.time() - 400
+    for task_id in (stranded, held):
+        store.redis.zadd(store.keys.by_state(State.QUEUED), {task_id: long_ago})
+    for tag, task_id, when in (("t1", stranded, long_ago), ("t2", held, time.time())):
+        store.redis.hset(store.keys.unacked, tag, json.dumps([{"headers": {"id": task_id}}, "", "q"]))
+        store.redis.zadd(store.keys.unacked_index, {tag: when})
+    keeper.republish_lost_messages(time.time())
+    assert republished.calls == [Republished(stranded, 1, 0.0)]
 
 
 def test_a_cancel_notice_ends_that_running_task_if_its_record_is_cancelled(

@@ -51,7 +51,7 @@ def test_a_dead_hosts_slot_is_free_once_its_lease_ran_out_and_a_live_one_is_rene
     claim(s, dead, cap=2, ttl_ms=1)  # its lease (and so its slot) has run out at once
     claim(s, live, cap=2)
     s.redis.zadd(s.keys.running("dev"), {live: 1})  # as if about to run out: the renewal moves it on
-    assert s.leases.renew(live, "dev", "h1:1", 1, TTL_MS)
+    assert s.leases.renew(live, "dev", "h1:1", 1, TTL_MS, capped=True)
     claim(s, waiting, cap=2)
     assert sorted(s.redis.zrange(s.keys.running("dev"), 0, -1)) == sorted([live, waiting])
 
@@ -68,3 +68,35 @@ def test_a_refused_claim_gives_back_only_a_slot_it_took() -> None:
     with pytest.raises(StaleTransition):
         s.leases.claim(s.records.get(other), None, "h1:1", TTL_MS, 2)
     assert s.redis.zrange(s.keys.running("dev"), 0, -1) == [task_id]
+
+
+def test_a_run_taken_over_through_its_message_holds_a_slot() -> None:
+    """Found in review: the take-over freed the slot it had just taken."""
+    s = store()
+    lost, waiting = s.records.create("dev", {})[0], s.records.create("dev", {})[0]
+    claim(s, lost, cap=1, ttl_ms=1)  # its host died: the lease runs out
+    s.redis.delete(s.keys.lease(lost))
+    s.leases.claim(s.records.get(lost), None, "h2:1", TTL_MS, 1, host="h2")  # taken over here
+    assert s.records.get(lost).attempts == 2
+    with pytest.raises(SlotsTaken):
+        claim(s, waiting, cap=1)
+
+
+def test_a_renewal_that_takes_its_lease_back_takes_its_slot_back() -> None:
+    """Found in review: after a Redis restart that lost the lease and the
+    slot, the renewal took the lease back but not the slot."""
+    s = store()
+    running, waiting = s.records.create("dev", {})[0], s.records.create("dev", {})[0]
+    claim(s, running, cap=1)
+    s.redis.delete(s.keys.lease(running), s.keys.running("dev"))
+    assert s.leases.renew(running, "dev", "h1:1", 1, TTL_MS, capped=True)
+    with pytest.raises(SlotsTaken):
+        claim(s, waiting, cap=1)
+
+
+def test_an_uncapped_renewal_takes_no_slot() -> None:
+    s = store()
+    task_id = s.records.create("dev", {})[0]
+    claim(s, task_id, cap=None)
+    assert s.leases.renew(task_id, "dev", "h1:1", 1, TTL_MS)
+    assert s.leases.slots_taken("dev") == 0

@@ -1,12 +1,14 @@
 -- Renew a lease only if it is still ours; take it back if it vanished (a
 -- Redis restart that outlived its TTL) while the record still shows our
--- attempt running. The task's max_running slot, if it holds one, is renewed
--- with it.
--- KEYS: lease, task, the agent's running set; ARGV: owner|attempt, ms, attempt, task id. 1: renewed.
+-- attempt running. With ARGV[5] = '1' (its agent has max_running) the
+-- task's slot is renewed with it, or taken back.
+-- KEYS: lease, task, the agent's running set; ARGV: owner|attempt, ms, attempt, task id, capped.
+-- 1: renewed.
 local function renew_slot()
+  if ARGV[5] ~= '1' then return end
   local t = redis.call('time')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('zadd', KEYS[3], 'XX', now + tonumber(ARGV[2]), ARGV[4])
+  redis.call('zadd', KEYS[3], now + tonumber(ARGV[2]), ARGV[4])
 end
 local held = redis.call('get', KEYS[1])
 if held == ARGV[1] then
