@@ -98,6 +98,8 @@ case "${1:-}" in
     shift
     "$venv/bin/ruff" check fleet tests benchmarks
     "$venv/bin/mypy" fleet
-    exec "$venv/bin/pytest" "$@" ;;
+    # Two processes, a test file each at a time: most of the suite waits on
+    # containers and Redis, not on the CPU (FLEET_TEST_PROCESSES=0: one process).
+    exec "$venv/bin/pytest" -n "${FLEET_TEST_PROCESSES:-2}" --dist loadfile "$@" ;;
   *) die "usage: scripts/bootstrap.sh [demo|test] [args...]" ;;
 esac
