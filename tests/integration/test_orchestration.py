@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import pty
+import re
+import select
 import signal
 import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -111,6 +115,16 @@ def test_a_finished_task_is_retried_under_its_id_and_a_batch_is_cancelled(make_f
     assert all(client.status(t).attempts == 0 for t in batch)
 
 
+def read_terminal(fd: int, done: Callable[[str], bool], timeout: float = 30) -> str:
+    """What a program wrote to its terminal (escape sequences removed), once `done` says so."""
+    text, deadline = "", time.monotonic() + timeout
+    while not done(plain := re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"the terminal never showed it:\n{plain[-2000:]}"
+        text += os.read(fd, 65536).decode(errors="replace")
+    return plain
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[list[RedisServer]]:
     """A Redis server of this test's own that writes everything to its
@@ -205,8 +219,13 @@ def test_the_asyncio_client_waits_without_blocking_its_loop_on_one_connection(ma
 def test_tasks_filters_combine_and_pages_follow_their_cursor_and_watch_follows_changes(
         make_fleet: MakeFleet) -> None:
     fleet = make_fleet({"dev": {}, "boss": {}})
-    watcher = subprocess.Popen([FLEET, "tasks", "--watch", "--agent", "dev"], env=fleet.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch = [FLEET, "tasks", "--watch", "--agent", "dev"]
+    watcher = subprocess.Popen(watch, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    terminal, its_side = pty.openpty()  # and one on a terminal: the live table
+    table = subprocess.Popen(watch, env={**fleet.env, "TERM": "xterm", "COLUMNS": "200"}, stdin=its_side,
+                             stdout=its_side, stderr=its_side)
+    os.close(its_side)
     try:
         fleet.start_worker().wait_for_line(" ready.", count=2)
         client = fleet.client()
@@ -218,10 +237,15 @@ def test_tasks_filters_combine_and_pages_follow_their_cursor_and_watch_follows_c
         assert watcher.stdout is not None
         while sum(" succeeded " in line for line in lines) < len(ran):
             lines.append(watcher.stdout.readline())
+        shown = read_terminal(terminal, lambda text: all(
+            any(task_id in line and "succeeded" in line for line in text.splitlines()) for task_id in ran))
     finally:
-        watcher.send_signal(signal.SIGINT)
-        assert watcher.wait(10) == 0
+        for process in (watcher, table):
+            process.send_signal(signal.SIGINT)
+            assert process.wait(10) == 0
+        os.close(terminal)
     assert all(any(task_id in line and " succeeded " in line for line in lines) for task_id in ran)
+    assert "watching" in shown and other not in shown
     assert all(any(task_id in line and " running " in line for line in lines) for task_id in ran)
     assert not any(other in line for line in lines)  # boss's, filtered out
 
