@@ -228,6 +228,8 @@ class FleetSettings(BaseModel):
     # Signed submissions: a file of `<key id> <secret>` lines (credentials/signing.py). Set,
     # submissions are signed with its first key and workers run only tasks one of its keys signed.
     signing_key_file: Path | None = None
+    # `fleet web`: the file of the token its actions need (none: read-only, and only on loopback).
+    web_token_file: Path | None = None
     # Hooks told when a task ends (fleet.on_done_config), by name.
     on_done: dict[HookName, OnDoneHook] = Field(default_factory=dict)
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)

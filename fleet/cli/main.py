@@ -15,7 +15,9 @@ from fleet.cli import host, operate, tasks
 from fleet.errors import FleetError
 from fleet.version import __version__
 
-HOST_EXTRA = ("docker", "rich")  # what `pip install 'agent-fleet[host]'` adds
+# What an extra adds: a command that needs a module of one says which to install.
+EXTRAS = {"docker": "host", "rich": "host", "starlette": "web", "uvicorn": "web", "jinja2": "web",
+          "prometheus_client": "web"}
 
 
 @click.group()
@@ -26,7 +28,7 @@ def cli() -> None:
 
 for command in (tasks.submit, tasks.status, tasks.wait, tasks.tasks, tasks.logs, tasks.cancel, tasks.retry,
                 tasks.publisher_config,
-                operate.agents, operate.hosts, operate.tokens, operate.alerts,
+                operate.agents, operate.hosts, operate.tokens, operate.alerts, operate.web,
                 host.worker, host.image, host.audit, host.doctor, host.demo, host.bench, host.acl):
     cli.add_command(command)
 
@@ -38,10 +40,11 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"fleet: {error}", err=True)
         sys.exit(error.exit_code)
     except ModuleNotFoundError as error:
-        if error.name not in HOST_EXTRA:
+        if error.name not in EXTRAS:
             raise
-        click.echo(f"fleet: this command needs the host install ({error.name} is missing): "
-                   "pip install 'agent-fleet[host]'", err=True)
+        extra = EXTRAS[error.name]
+        click.echo(f"fleet: this command needs the {extra} install ({error.name} is missing): "
+                   f"pip install 'agent-fleet[{extra}]'", err=True)
         sys.exit(2)
 
 

@@ -1,5 +1,5 @@
 """Commands that operate the fleet: agents (and resuming one), hosts
-(draining), the token files, alerts."""
+(draining), the token files, alerts, and `fleet web`."""
 
 from __future__ import annotations
 
@@ -165,3 +165,16 @@ def alerts(ctx: Context, follow: bool, as_json: bool) -> None:
             from fleet.cli.display import alert_line  # needs the host install (rich)
 
             click.echo(alert_line(event.fields))
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to bind; beyond loopback only with web_token_file set.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8055, show_default=True)
+@pass_context
+def web(ctx: Context, host: str, port: int) -> None:
+    """The dashboard (tasks, agents, hosts, alerts; actions with the token),
+    Prometheus metrics at /metrics and /healthz."""
+    from fleet.web.app import serve  # needs the `web` extra
+
+    serve(ctx.settings, host, port)

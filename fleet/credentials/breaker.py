@@ -45,8 +45,10 @@ class Breaker:
 
     def credential_failure(self, agent: str, token: str | None, threshold: int) -> bool:
         """Count one; returns True if this failure opened the breaker."""
-        with redis_errors():
-            failures = int(self.redis.incr(self.keys.credential_failures(agent)))  # type: ignore[arg-type]
+        with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.incr(self.keys.credential_failures(agent))
+            pipe.hincrby(self.keys.stats_credential_failures, agent, 1)  # all time, for /metrics
+            failures = int(pipe.execute()[0])
         if failures < threshold:
             return False
         return self.pause(agent, "credential failure", token or "", failures=failures)

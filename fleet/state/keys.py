@@ -16,6 +16,7 @@
     {ns}:on-done                pubsub "new deliveries are due": wakes the deliverers
     {ns}:agent:{agent}:running  zset   the agent's running task ids, scored by their lease's expiry
                                        (ms): its `max_running` slots, fleet-wide
+    {ns}:stats:...                     counters of what tasks came to, for /metrics (fleet.state.stats)
     {ns}:idem:{sha256(key)}     string task id for an idempotency key
     {ns}:lease:{id}             string "<owner>|<attempt>" while an attempt runs; expires unless renewed
     {ns}:republishing:{id}      string a consumer is publishing a lost message of a queued task again
@@ -81,6 +82,21 @@ class Keys:
     @property
     def on_done_notice(self) -> str:
         return f"{self.namespace}:on-done"
+
+    @property
+    def stats_finished(self) -> str:
+        return f"{self.namespace}:stats:finished"
+
+    @property
+    def stats_retries(self) -> str:
+        return f"{self.namespace}:stats:retries"
+
+    def stats_duration(self, agent: str) -> str:
+        return f"{self.namespace}:stats:duration:{agent}"
+
+    @property
+    def stats_credential_failures(self) -> str:
+        return f"{self.namespace}:stats:credential-failures"
 
     def running(self, agent: str) -> str:
         return f"{self.namespace}:agent:{agent}:running"

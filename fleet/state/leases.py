@@ -107,7 +107,7 @@ class Leases:
             pipe.zrem(self.keys.by_state(State.RUNNING), task_id)
             pipe.zadd(self.keys.by_state(State.RETRYING), {task_id: time.time()})
             pipe.zrem(self.keys.running(record.agent), task_id)
-            self.records.state_event(pipe, record)
+            self.records.state_event(pipe, record, State.RUNNING)
             self.records.write_celery_result(pipe, record)
             result.append(record)
 

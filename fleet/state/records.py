@@ -27,6 +27,7 @@ from fleet.state.deliveries import schedule as schedule_deliveries
 from fleet.state.events import EVENTS_MAXLEN
 from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
+from fleet.state.stats import count_change
 
 # `revision` is kept as a plain counter beside the JSON-encoded fields.
 CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many (some 25,000 tasks')
@@ -287,7 +288,7 @@ class TaskRecords:
             pipe.hincrby(self.keys.task(task_id), "revision", 1)
             pipe.zrem(self.keys.by_state(current.state), task_id)
             pipe.zadd(self.keys.by_state(to), {task_id: now})
-            self.state_event(pipe, record)
+            self.state_event(pipe, record, current.state)
             if to != State.RUNNING:  # the attempt is over: so are its lease and its slot
                 pipe.delete(self.keys.lease(task_id))
                 if current.state == State.RUNNING:
@@ -301,9 +302,11 @@ class TaskRecords:
             commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
         return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
 
-    def state_event(self, pipe: Pipeline, record: TaskRecord) -> None:
-        """A change of state, in the task's events and in the fleet-wide
-        changes stream (with the kind of error it records, if any)."""
+    def state_event(self, pipe: Pipeline, record: TaskRecord, before: State | None = None) -> None:
+        """A change of state (from `before`), in the task's events and in the
+        fleet-wide changes stream (with the kind of error it records, if
+        any), and counted (fleet.state.stats)."""
+        count_change(pipe, self.keys, before, record)
         change: dict[Any, Any] = {"state": str(record.state), "attempt": str(record.attempts)}
         if record.error is not None and record.state != State.SUCCEEDED:
             change["error"] = record.error.kind

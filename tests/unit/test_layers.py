@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"fleet.forwarding"},
     {"fleet.worker"},
     {"fleet.client", "fleet.async_client"},
-    {"fleet", "fleet.cli", "fleet.app"},  # `fleet` itself re-exports the client, lazily
+    {"fleet", "fleet.cli", "fleet.app", "fleet.web"},  # `fleet` itself re-exports the client, lazily
 ]
 # Runs inside the agent's container, standard library only: imports nothing of fleet.
 INSIDE = "fleet.inside"

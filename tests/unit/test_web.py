@@ -1,0 +1,160 @@
+"""`fleet web` over fakeredis, through Starlette's test client: the pages,
+who may act (no token: 401 and nothing changes; a browser without the CSRF
+value: 403), /metrics parsed by prometheus_client's own parser, /healthz,
+and the bind rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fakeredis
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+
+from fleet.client import FleetClient
+from fleet.errors import UsageError
+from fleet.record import State
+from fleet.settings import FleetSettings
+from fleet.web.app import check_bind, make_app
+from fleet.web.auth import SESSION_COOKIE
+
+TOKEN = "a-web-token-of-some-length"
+DONE = "2026-11-30T00:00:00+00:00"
+
+
+def settings(tmp_path: Path, token: bool = True) -> FleetSettings:
+    token_file = tmp_path / "web-token"
+    token_file.write_text(TOKEN + "\n")
+    return FleetSettings.model_validate({
+        "namespace": "t", "host_id": "h1", "secrets_dir": str(tmp_path / "secrets"),
+        "web_token_file": str(token_file) if token else None, "agents": {"dev": {}, "boss": {}}})
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> FleetClient:
+    return FleetClient(settings(tmp_path), fakeredis.FakeRedis(decode_responses=True))
+
+
+@pytest.fixture
+def browser(fleet: FleetClient) -> TestClient:
+    return TestClient(make_app(fleet.settings, fleet), headers={"accept": "text/html"})
+
+
+def queued(fleet: FleetClient, agent: str = "dev") -> str:
+    return fleet.store.records.create(agent, {})[0]
+
+
+def test_the_pages_show_the_tasks_and_a_task_with_its_log(fleet: FleetClient, browser: TestClient) -> None:
+    task_id = queued(fleet)
+    fleet.store.events.add(task_id, "output", stream="stdout", data="hello <b>from the agent</b>\n")
+    other = queued(fleet, "boss")
+    page = browser.get("/tasks?agent=dev")
+    assert page.status_code == 200 and task_id in page.text and other not in page.text
+    page = browser.get(f"/tasks/{task_id}")
+    assert "hello &lt;b&gt;from the agent&lt;/b&gt;" in page.text  # escaped
+    assert 'id="cancel"' not in page.text and "read-only" in page.text
+    for path in ("/agents", "/hosts", "/alerts"):
+        assert browser.get(path).status_code == 200
+    assert browser.get("/tasks/nosuch").status_code == 404
+    assert browser.get("/tasks?state=bogus").status_code == 400
+    assert browser.get("/tasks?cursor=nonsense").status_code == 400
+
+
+def test_pages_follow_their_cursor(fleet: FleetClient, browser: TestClient) -> None:
+    made = [queued(fleet) for _ in range(60)]
+    first = browser.get("/tasks")
+    assert made[-1] in first.text and made[9] not in first.text and 'id="next"' in first.text
+    cursor = first.text.split("cursor=")[1].split('"')[0].replace("%3A", ":")
+    second = browser.get(f"/tasks?cursor={cursor}")
+    assert made[9] in second.text and made[-1] not in second.text
+
+
+@pytest.mark.parametrize(("path", "before"), [
+    ("/tasks/{task}/cancel", State.QUEUED), ("/agents/dev/resume", None), ("/hosts/h1/drain", None)])
+def test_without_the_token_every_action_is_refused_and_changes_nothing(
+        fleet: FleetClient, browser: TestClient, path: str, before: State | None) -> None:
+    task_id = queued(fleet)
+    fleet.breaker.pause("dev", "credential failure", "forge")
+    url = path.format(task=task_id)
+    assert browser.post(url).status_code == 401
+    assert browser.post(url, headers={"authorization": "Bearer not-the-token-at-all"}).status_code == 401
+    browser.cookies.set(SESSION_COOKIE, "forged")
+    assert browser.post(url, data={"csrf": "x"}).status_code == 401
+    assert fleet.status(task_id).state == State.QUEUED
+    assert fleet.breaker.paused("dev") is not None
+
+
+def test_a_signed_in_browser_acts_only_with_its_csrf_value(fleet: FleetClient, browser: TestClient) -> None:
+    task_id = queued(fleet)
+    assert browser.post("/login", data={"token": "wrong"}).status_code == 401
+    signed = browser.post("/login", data={"token": TOKEN}, follow_redirects=False)
+    assert signed.status_code == 303 and "httponly" in signed.headers["set-cookie"].lower()
+    assert "samesite=strict" in signed.headers["set-cookie"].lower()
+    page = browser.get(f"/tasks/{task_id}")
+    assert 'id="cancel"' in page.text
+    csrf = page.text.split('name="csrf" value="')[1].split('"')[0]
+    assert browser.post(f"/tasks/{task_id}/cancel").status_code == 403  # a cross-site form has no csrf
+    assert fleet.status(task_id).state == State.QUEUED
+    done = browser.post(f"/tasks/{task_id}/cancel", data={"csrf": csrf}, follow_redirects=False)
+    assert done.status_code == 303 and fleet.status(task_id).state == State.CANCELLED
+
+
+def test_a_script_acts_with_the_bearer_token(fleet: FleetClient, browser: TestClient) -> None:
+    task_id, bearer = queued(fleet), {"authorization": f"Bearer {TOKEN}"}
+    refused = browser.post(f"/tasks/{task_id}/retry", headers=bearer)
+    assert refused.status_code == 409 and "only a finished task can be retried" in refused.text
+    done = browser.post(f"/tasks/{task_id}/cancel", headers=bearer)
+    assert done.status_code == 200 and done.json() == {"ok": True, "result": "cancelled"}
+    assert browser.post("/tasks/nosuch/cancel", headers=bearer).status_code == 404
+    assert browser.post("/hosts/nosuch/drain", headers=bearer).status_code in (404, 409)
+
+
+def test_metrics_parse_and_count_what_the_tasks_came_to(fleet: FleetClient, browser: TestClient) -> None:
+    records = fleet.store.records
+    for state in (State.SUCCEEDED, State.SUCCEEDED, State.FAILED):
+        task_id = queued(fleet)
+        records.transition(task_id, State.RUNNING, update=lambda r: {"attempts": 1},
+                           started_at="2026-11-30T00:00:00+00:00")
+        records.transition(task_id, state, finished_at="2026-11-30T00:00:42+00:00")
+    retried = queued(fleet)
+    records.transition(retried, State.RUNNING, update=lambda r: {"attempts": 1})
+    records.transition(retried, State.RETRYING)
+    records.transition(queued(fleet, "boss"), State.CANCELLED, finished_at=DONE)
+    queued(fleet)
+    text = browser.get("/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("fleet_tasks", (("agent", "dev"), ("state", "succeeded")))] == 2
+    assert samples[("fleet_tasks", (("agent", "dev"), ("state", "queued")))] == 1
+    assert samples[("fleet_tasks", (("agent", "dev"), ("state", "retrying")))] == 1
+    assert samples[("fleet_tasks_finished_total", (("agent", "dev"), ("outcome", "failed")))] == 1
+    assert samples[("fleet_tasks_finished_total", (("agent", "boss"), ("outcome", "cancelled")))] == 1
+    assert samples[("fleet_task_retries_total", (("agent", "dev"), ("kind", "unknown")))] == 1
+    assert samples[("fleet_task_duration_seconds_bucket", (("agent", "dev"), ("le", "15.0")))] == 0
+    assert samples[("fleet_task_duration_seconds_bucket", (("agent", "dev"), ("le", "60.0")))] == 3
+    assert samples[("fleet_task_duration_seconds_sum", (("agent", "dev"),))] == 126
+    assert samples[("fleet_breaker_open", (("agent", "dev"),))] == 0
+    assert samples[("fleet_queue_depth", (("agent", "dev"),))] == 0
+
+
+def test_healthz_says_whether_redis_answers(tmp_path: Path) -> None:
+    server = fakeredis.FakeServer()
+    fleet = FleetClient(settings(tmp_path), fakeredis.FakeRedis(server=server, decode_responses=True))
+    browser = TestClient(make_app(fleet.settings, fleet))
+    assert browser.get("/healthz").json() == {"status": "ok", "redis": "ok"}
+    server.connected = False
+    answer = browser.get("/healthz")
+    assert answer.status_code == 503 and answer.json()["status"] == "unhealthy"
+
+
+def test_beyond_loopback_only_with_a_token(tmp_path: Path) -> None:
+    check_bind("127.0.0.1", settings(tmp_path, token=False))
+    check_bind("::1", settings(tmp_path, token=False))
+    check_bind("0.0.0.0", settings(tmp_path))
+    with pytest.raises(UsageError, match=r"binds to 0\.0\.0\.0 only with web_token_file set"):
+        check_bind("0.0.0.0", settings(tmp_path, token=False))
+    short = tmp_path / "short"
+    short.write_text("short")
+    with pytest.raises(UsageError, match="holds under 16 characters"):
+        make_app(settings(tmp_path).model_copy(update={"web_token_file": short}))
