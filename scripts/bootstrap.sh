@@ -32,6 +32,10 @@ install_missing_packages() {
   command -v ip >/dev/null || missing+=(iproute2)  # the simulated hosts of tests/hosts
   command -v docker-compose >/dev/null || missing+=(docker-compose)
   python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  if [ "${1:-}" = test ]; then  # the browser tests of fleet web
+    command -v chromium >/dev/null || missing+=(chromium fonts-liberation)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  fi
   [ ${#missing[@]} -eq 0 ] && return 0
   if is_root && is_debian; then
     say "installing: ${missing[*]}"
@@ -41,7 +45,7 @@ install_missing_packages() {
       || die "apt-get install ${missing[*]} failed; see $log_dir/apt.log"
     # The package may start redis-server as a service; fleet starts its own.
   else
-    say "warning: missing ${missing[*]}; install them (fleet needs a Docker engine, redis-server, python3-venv)"
+    say "warning: missing ${missing[*]}; install them (fleet needs a Docker engine, redis-server, python3-venv; its tests chromium and chromedriver)"
   fi
 }
 
@@ -86,7 +90,7 @@ make_venv() {
   echo "$want" >"$stamp"
 }
 
-install_missing_packages
+install_missing_packages "${1:-}"
 start_engine
 make_venv
 "$venv/bin/fleet" image build

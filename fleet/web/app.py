@@ -107,4 +107,5 @@ def serve(settings: FleetSettings, host: str, port: int) -> None:
     import uvicorn
 
     check_bind(host, settings)
-    uvicorn.run(make_app(settings), host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(make_app(settings), host=host, port=port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=5)  # live streams never end on their own
