@@ -123,7 +123,7 @@ def demo(keep: bool) -> None:
 
 
 # fleet.cli.bench.run.PARTS, without importing it
-BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress")
+BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics")
 
 
 @click.command()

@@ -64,9 +64,13 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
     assert egress["kept_ratio"] == pytest.approx(
         egress["proxy"]["kept_p50_ms"] / egress["direct"]["kept_p50_ms"])
 
+    metrics = report["metrics"]
+    assert metrics["tasks"] == 400 and metrics["empty_p50_ms"] > 0 and 0 < metrics["p50_ms"] <= metrics["p95_ms"]
+    assert metrics["ratio"] == pytest.approx(metrics["p50_ms"] / metrics["empty_p50_ms"])
+
     assert "hundred" not in report
     goals = {goal["goal"]: goal["met"] for goal in report["goals"]}
-    assert len(goals) == 6 and all(isinstance(met, bool) for met in goals.values())
+    assert len(goals) == 7 and all(isinstance(met, bool) for met in goals.values())
     assert goals["`fleet --help` and `fleet status` start in ≤ 0.2 s"] == (
         max(cli["help_ms"], cli["status_ms"]) <= 200)
     assert goals["channel ≥ 10 x faster than exec per task"] == (ratios["c_p50_over_d"] >= 10)

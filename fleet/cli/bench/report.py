@@ -53,6 +53,11 @@ def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
              f"{c['help_ms'] / 1000:.2f} s / {c['status_ms'] / 1000:.2f} s "
              f"(python alone {c['python_ms'] / 1000:.2f} s)",
              max(c["help_ms"], c["status_ms"]) <= 200)
+    if "metrics" in report:
+        m = report["metrics"]
+        goal(f"a /metrics scrape with {m['tasks']:,} tasks in Redis < 100 ms",
+             f"{m['p50_ms']:.1f} ms p50, {m['p95_ms']:.1f} ms p95 ({m['ratio']:.2f} x an empty fleet's)",
+             m["p95_ms"] < 100)
     return rows
 
 
@@ -120,6 +125,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_row("proxy / direct", f"{e['fresh_ratio']:.2f} x", f"{e['kept_ratio']:.2f} x",
                       f"{e['rate_ratio']:.2f} x")
         console.print(table)
+    if "metrics" in report:
+        m = report["metrics"]
+        console.print(f"/metrics ({m['bytes']:,} bytes), {m['scrapes']} scrapes: {m['p50_ms']:.1f} ms p50, "
+                      f"{m['p95_ms']:.1f} ms p95 with {m['tasks']:,} tasks; {m['empty_p50_ms']:.1f} ms p50 "
+                      "with none")
     table = Table(title="goals")
     for column in ("goal", "now", "met"):
         table.add_column(column)

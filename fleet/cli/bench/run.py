@@ -13,6 +13,8 @@
   cli         the start-up of `fleet --help` and `fleet status ID`, against `python -c pass`
   egress      an HTTPS request through fleet's egress proxy against the same request made
               directly (bench/egress.py)
+  metrics     a scrape of /metrics with 200 x N tasks in Redis (10,000 at the default N)
+              against an empty fleet's (bench/metrics.py)
 
 The job is trivial on purpose (`cat` echoes the payload, which becomes the
 result), so the figures are fleet's own overhead. Everything the benchmark
@@ -57,7 +59,7 @@ from fleet.cli.bench.report import goals, print_report, roundtrip_figures
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.errors import FleetError
 
-PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress")
+PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics")
 IMAGE = "fleet-agent:latest"
 HUNDRED = 100
 
@@ -297,6 +299,10 @@ def run_bench(tasks: int, parts: Sequence[str], as_json: bool) -> int:
 
                 bench.say(f"egress: {tasks} HTTPS requests each way, directly and through the proxy")
                 report["egress"] = egress_overhead(engine, Path(scratch), tasks)
+            if "metrics" in parts:
+                from fleet.cli.bench.metrics import metrics_scrape
+
+                report["metrics"] = metrics_scrape(redis_url, tasks, bench.say)
         finally:
             redis_process.terminate()
             redis_process.wait(timeout=30)
