@@ -24,7 +24,7 @@ from fleet.settings import FleetSettings, load_settings
 from fleet.state.completion import Completion
 from fleet.state.control import cancel
 from fleet.state.hosts import HostRegistry
-from fleet.state.listing import Filters, Page
+from fleet.state.listing import Filters, Page, parse_cursor
 from fleet.state.store import TaskStore
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ class FleetClient:
         its agent's queue, retries included. `on_done` names hooks (of the
         settings' `on_done`) told when it ends, besides its agent's."""
         self.settings.agent(agent)
+        if len(on_done or []) > 16:
+            raise UsageError("a task names at most 16 on_done hooks")
         if unknown := [name for name in on_done or [] if name not in self.settings.on_done]:
             raise UsageError(f"no on_done hook {unknown[0]!r} is configured "
                              f"(configured: {', '.join(self.settings.on_done) or 'none'})")
@@ -231,9 +233,10 @@ class FleetClient:
         if key is not None:
             return Page(self.store.listing.by_key(key, filters)[:limit], None)
         try:
-            return self.store.listing.page(filters, limit, cursor)
+            parse_cursor(cursor) if cursor else None
         except ValueError as error:
             raise UsageError(f"cursor: {error}") from None
+        return self.store.listing.page(filters, limit, cursor)
 
     def resume(self, agent: str, why: str) -> bool:
         """Close the agent's breaker on every host; False if it was not open."""

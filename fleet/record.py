@@ -42,7 +42,7 @@ class TaskRecord(BaseModel):
     run_at: str | None = None  # when a `scheduled` task is due to be queued
     priority: int = 3  # 0 (high) … 9 (low) within its agent's queue: fleet.record.PRIORITIES
     key: str | None = None
-    on_done: list[str] = Field(default_factory=list)  # hooks (settings' on_done) told when it ends
+    on_done: list[str] = Field(default_factory=list, max_length=16)  # hooks told when it ends (by name)
     signed_by: str | None = None  # the id of the key that signed it (signing_key_file)
     signature: str | None = None
     # Bumped by every state change: a write computed from an older read is refused.

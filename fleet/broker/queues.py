@@ -51,11 +51,12 @@ def published_task_ids(client: redis.Redis, keys: Keys, queues: list[str],
             pipe.lrange(keys.purged(queue), 0, -1)  # until their tasks are recorded cancelled
         pipe.hgetall(keys.unacked)
         pipe.zrangebyscore(keys.unacked_index, "-inf" if delivered_after is None else delivered_after, "+inf")
-        *waiting, delivered, recent = pipe.execute()
+        *waiting, delivered, recent_tags = pipe.execute()
+    recent = set(recent_tags)
     messages = [decoded(raw) for batch in waiting for raw in batch]
     messages += [entry[0] if isinstance(entry := decoded(raw), list) and entry else None
                  for tag, raw in delivered.items()  # [message, exchange, routing key]
-                 if delivered_after is None or tag in set(recent)]
+                 if delivered_after is None or tag in recent]
     return {task_id for m in messages if (task_id := task_id_of(m)) is not None}
 
 

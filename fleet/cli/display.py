@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import docker.errors
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fleet.container.engine import connect
@@ -37,12 +38,12 @@ def task_table(records: list[TaskRecord], title: str | None = None) -> Printable
     table = Table(title=title)
     for column in ("id", "agent", "state", "attempts", "exit", "error", "host", "created"):
         table.add_column(column)
-    for r in records:
+    for r in records:  # what a record says is text, never rich markup (whoever writes records chooses it)
         style = STATE_STYLES.get(r.state, "")
-        table.add_row(r.id, r.agent, f"[{style}]{r.state}[/]", str(r.attempts),
+        table.add_row(escape(r.id), escape(r.agent), f"[{style}]{escape(str(r.state))}[/]", str(r.attempts),
                       "" if r.exit_code is None else str(r.exit_code),
-                      "" if r.error is None else str(r.error.kind), r.host or "",
-                      r.created_at)
+                      "" if r.error is None else escape(str(r.error.kind)), escape(r.host or ""),
+                      escape(r.created_at))
     return Printable(table)
 
 

@@ -22,8 +22,11 @@ BLOCK_MS = 2000
 
 def change_line(event: Event) -> str:
     """One change as a line: when, task, agent, state, attempt, error kind."""
-    millis = int(event.id.partition("-")[0])
-    when = datetime.fromtimestamp(millis / 1000, UTC).strftime("%H:%M:%S.%f")[:-3]
+    try:
+        moment = datetime.fromtimestamp(int(event.id.partition("-")[0]) / 1000, UTC)
+        when = moment.strftime("%H:%M:%S.%f")[:-3]
+    except (ValueError, OverflowError, OSError):  # an entry id nobody's clock made
+        when = event.id
     fields = event.fields
     return "  ".join([when, fields.get("task", ""), f"{fields.get('agent', ''):<12}",
                       f"{fields.get('state', ''):<9}", f"attempt {fields.get('attempt', '0')}",
@@ -56,7 +59,7 @@ class Watch:
             shown = {r.id for r in self.matching(batch)}
             for event in batch:
                 if event.fields.get("task") in shown and self.fits(event):
-                    console.print(change_line(event), highlight=False, soft_wrap=True)
+                    console.print(change_line(event), highlight=False, soft_wrap=True, markup=False)
 
     def fits(self, event: Event) -> bool:
         """A change in the state asked for (the record may have moved on since)."""

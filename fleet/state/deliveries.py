@@ -26,14 +26,17 @@ from fleet.record import TaskRecord
 from fleet.state.keys import Keys
 from fleet.state.scripts import load_script
 
+SNAPSHOT_LIMIT = 256 * 1024  # bytes of the record a delivery carries
+
 
 @dataclass(frozen=True)
 class Delivery:
-    """One hook to tell of one end of a task (its attempt), with the record
-    as it ended; `tries` so far, `since` when it was scheduled."""
+    """One hook to tell of one end of a task (the record's revision at that
+    end: every end its own, a task cancelled before a retry ran included),
+    with the record as it ended; `tries` so far, `since` when it was scheduled."""
 
     task: str
-    attempt: int
+    revision: int
     hook: str
     record: dict[str, Any]
     tries: int = 0
@@ -41,7 +44,7 @@ class Delivery:
 
     @property
     def id(self) -> str:
-        return delivery_id(self.task, self.attempt, self.hook)
+        return delivery_id(self.task, self.revision, self.hook)
 
     def state(self) -> str:
         return json.dumps({"tries": self.tries, "since": self.since, "record": self.record})
@@ -50,25 +53,34 @@ class Delivery:
     def parse(cls, member: str, state: str | None) -> Delivery | None:
         """A delivery from its id and stored state; None for what fleet did not write."""
         task, _, rest = member.partition("|")
-        attempt, _, hook = rest.partition("|")
+        revision, _, hook = rest.partition("|")
         try:
             stored = json.loads(state or "")
-            return cls(task, int(attempt), hook, dict(stored["record"]), int(stored["tries"]),
+            return cls(task, int(revision), hook, dict(stored["record"]), int(stored["tries"]),
                        float(stored["since"]))
         except (ValueError, KeyError, TypeError):
             return None
 
 
-def delivery_id(task_id: str, attempt: int, hook: str) -> str:
+def delivery_id(task_id: str, revision: int, hook: str) -> str:
     """The same for every try: a receiver dedups on it (task ids have no `|`)."""
-    return f"{task_id}|{attempt}|{hook}"
+    return f"{task_id}|{revision}|{hook}"
+
+
+def snapshot_of(record: TaskRecord) -> dict[str, Any]:
+    """The record as a hook hears it; one whose result would make it over
+    SNAPSHOT_LIMIT goes without the result (a record can be forged large)."""
+    snapshot = record.model_dump(mode="json")
+    if len(json.dumps(snapshot)) > SNAPSHOT_LIMIT:
+        snapshot.update(result=None, result_omitted=f"over {SNAPSHOT_LIMIT} bytes: see fleet status")
+    return snapshot
 
 
 def schedule(pipe: Pipeline, keys: Keys, record: TaskRecord, hooks: list[str], now: float) -> None:
     """Add a final record's deliveries to a transition's writes (its Lua call)."""
-    snapshot = record.model_dump(mode="json")
+    snapshot = snapshot_of(record)
     for hook in hooks:
-        delivery = Delivery(record.id, record.attempts, hook, snapshot, 0, now)
+        delivery = Delivery(record.id, record.revision, hook, snapshot, 0, now)
         pipe.zadd(keys.on_done_due, {delivery.id: now}, nx=True)
         pipe.hsetnx(keys.on_done_deliveries, delivery.id, delivery.state())
 
@@ -113,7 +125,7 @@ class Deliveries:
     def later(self, delivery: Delivery, at: float) -> None:
         """A failed try: count it, and try again at `at` (unless another
         deliverer finished it meanwhile)."""
-        counted = Delivery(delivery.task, delivery.attempt, delivery.hook, delivery.record,
+        counted = Delivery(delivery.task, delivery.revision, delivery.hook, delivery.record,
                            delivery.tries + 1, delivery.since)
         with redis_errors():
             self._later([self.keys.on_done_due, self.keys.on_done_deliveries],

@@ -20,6 +20,8 @@ from fleet.state.keys import Keys
 from fleet.state.records import TaskRecords, decode_record, encode_record
 from fleet.state.scripts import load_script
 
+SLOT_MARGIN_MS = 1000  # a max_running slot outlives its lease: it never runs out first
+
 
 class Leases:
     def __init__(self, client: redis.Redis, keys: Keys, records: TaskRecords) -> None:
@@ -73,7 +75,8 @@ class Leases:
         """One of the agent's slots for this task: 1 taken, 2 it holds one
         already; SlotsTaken if none is free."""
         with redis_errors():
-            taken = int(self._take_slot([self.keys.running(record.agent)], [record.id, max_running, ttl_ms]))
+            taken = int(self._take_slot([self.keys.running(record.agent)],
+                                        [record.id, max_running, ttl_ms + SLOT_MARGIN_MS]))
         if not taken:
             raise SlotsTaken(f"agent {record.agent} runs its max_running={max_running} tasks")
         return taken
@@ -121,10 +124,10 @@ class Leases:
         return None if value is None else str(value)
 
     def renew(self, task_id: str, agent: str, owner: str, attempt: int, ttl_ms: int,
-              capped: bool = False) -> bool:
-        """Renew the attempt's lease; with `capped` (its agent has
-        max_running), its slot too, taken back if it was lost."""
+              max_running: int | None = None) -> bool:
+        """Renew the attempt's lease; with its agent's `max_running`, its
+        slot too (a lease taken back takes a slot back only if one is free)."""
         with redis_errors():
             return bool(self._renew([self.keys.lease(task_id), self.keys.task(task_id),
                                      self.keys.running(agent)],
-                                    [f"{owner}|{attempt}", ttl_ms, str(attempt), task_id, int(capped)]))
+                                    [f"{owner}|{attempt}", ttl_ms, str(attempt), task_id, max_running or 0]))

@@ -13,6 +13,7 @@ pruned on the way."""
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,8 +36,16 @@ class Filters:
     def match(self, record: TaskRecord) -> bool:
         return (self.agent in (None, record.agent) and self.state in (None, record.state)
                 and self.host in (None, record.host, record.pinned_host)
-                and (self.since is None
-                     or datetime.fromisoformat(record.created_at).timestamp() >= self.since))
+                and (self.since is None or created(record) >= self.since))
+
+
+def created(record: TaskRecord) -> float:
+    """When the record says it was created (epoch seconds; -inf for a time
+    that does not parse: whoever may write records cannot break a listing)."""
+    try:
+        return datetime.fromisoformat(record.created_at).timestamp()
+    except (ValueError, TypeError):
+        return -math.inf
 
 
 @dataclass(frozen=True)
@@ -48,9 +57,13 @@ class Page:
 def parse_cursor(cursor: str) -> tuple[float, str]:
     """`<time>:<id>` → (time, id); ValueError for anything else."""
     score, sep, task_id = cursor.partition(":")
-    if not sep or not task_id:
+    try:
+        time = float(score)
+    except ValueError:
+        time = math.nan
+    if not sep or not task_id or not math.isfinite(time):
         raise ValueError(f"{cursor!r} is not a cursor fleet gave")
-    return float(score), task_id
+    return time, task_id
 
 
 class TaskListing:
@@ -98,7 +111,8 @@ class TaskListing:
         if filters.agent is not None:
             return [self.keys.by_agent(filters.agent)]
         with redis_errors():
-            return sorted(str(key) for key in self.redis.scan_iter(match=self.keys.by_agent("*"), count=1000))
+            return sorted(str(key) for key in self.redis.scan_iter(match=self.keys.by_agent("*"), count=1000,
+                                                                   _type="zset"))
 
     def _entries(self, indexes: list[str], after: tuple[float, str] | None,
                  since: float | None) -> Iterator[tuple[str, float, str]]:

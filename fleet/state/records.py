@@ -20,7 +20,7 @@ import redis
 from redis.client import Pipeline
 
 from fleet.connection import redis_errors
-from fleet.errors import StaleTransition, TaskNotFound
+from fleet.errors import StaleTransition, StateStoreError, TaskNotFound
 from fleet.record import FINAL_STATES, State, TaskRecord, now_iso
 from fleet.state.celery_result import celery_meta
 from fleet.state.deliveries import schedule as schedule_deliveries
@@ -148,7 +148,9 @@ class TaskRecords:
             self._write_new(pipe, record, payload)
             if run_at is not None:
                 pipe.zadd(self.keys.schedule(agent), {task_id: run_at})
-            self._call(pipe.execute)
+            written = self._call(pipe.execute, raise_on_error=False)
+        if isinstance(written[0], Exception):  # the record itself (an index or stream may fail alone)
+            raise StateStoreError(f"task {task_id} not written: {written[0]}")
         return task_id, True
 
     def due(self, agent: str, now: float, limit: int = 100) -> list[str]:
@@ -299,7 +301,8 @@ class TaskRecords:
                     schedule_deliveries(pipe, self.keys, record, hooks, now)
                     pipe.publish(self.keys.on_done_notice, record.id)
             self.write_celery_result(pipe, record)
-            commands = [word for args, _ in pipe.command_stack for word in (len(args), *args)]
+            commands = [word for args, _ in pipe.command_stack
+                         for word in (len(args), *best_effort(args, self.keys.namespace))]
         return record, [word.decode() if isinstance(word, bytes) else str(word) for word in commands]
 
     def state_event(self, pipe: Pipeline, record: TaskRecord, before: State | None = None) -> None:
@@ -336,6 +339,17 @@ class TaskRecords:
     def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with redis_errors():
             return method(*args, **kwargs)
+
+
+def best_effort(args: tuple[Any, ...], namespace: str) -> tuple[Any, ...]:
+    """A transition's command, marked for apply_at_revision.lua to run
+    best-effort if it writes a key a submitter may write too (its events,
+    the changes stream, an index): a key forged to another type then costs
+    that write, not the transition's later ones (the finished mark, the
+    lease, the slot, the on_done deliveries)."""
+    key = str(args[1]) if len(args) > 1 else ""
+    shared = key.startswith(f"{namespace}:index:") or key.endswith(":events")
+    return (f"?{args[0]}", *args[1:]) if shared else args
 
 
 def encode_record(record: TaskRecord) -> dict[str, str]:

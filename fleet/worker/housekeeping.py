@@ -177,7 +177,7 @@ class Housekeeper:
             job = task.job
             asked_at = time.monotonic()
             if self.store.leases.renew(job.task_id, self.agent, self.owner, job.attempt, self.ttl_ms,
-                                       capped=self.control.max_running is not None):
+                                       max_running=self.control.max_running):
                 task.renewed_at = asked_at
             else:
                 log.error("task %s: lease of attempt %d lost; ending this run", job.task_id,

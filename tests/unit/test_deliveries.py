@@ -69,11 +69,13 @@ def test_a_final_transition_schedules_one_delivery_per_hook_with_the_record_as_i
     task_id = finish(store, on_done=["cmd", "web", "gone"])  # agent's, then its own; unknown left out
     store.redis.hset(store.keys.task(task_id), "result", json.dumps({"forged": True}))  # rewritten later
     taken = due(deliverer)
-    assert sorted((d.task, d.attempt, d.hook) for d in taken) == [(task_id, 0, "cmd"), (task_id, 0, "web")]
+    revision = store.records.get(task_id).revision
+    assert sorted((d.task, d.revision, d.hook) for d in taken) == [(task_id, revision, "cmd"),
+                                                                    (task_id, revision, "web")]
     assert all(d.record["state"] == "failed" and d.record["result"] is None for d in taken)
     assert due(deliverer) == []  # held while tried
     body = json.loads(body_of(taken[0]))
-    assert body["delivery"] == f"{task_id}|0|{taken[0].hook}" and "payload" not in body["task"]
+    assert body["delivery"] == f"{task_id}|{revision}|{taken[0].hook}" and "payload" not in body["task"]
     # A task without hooks, and a transition that is not an end, schedule nothing.
     finish(store, agent="boss")
     store.records.create("dev", {})
@@ -89,6 +91,44 @@ def test_what_a_writer_of_records_or_changes_says_is_not_delivered(tmp_path: Pat
     for _ in range(50):
         store.redis.xadd(store.keys.changes, {"task": task_id, "agent": "dev", "state": "succeeded"})
     assert due(deliverer) == []
+
+
+def test_keys_a_submitter_may_forge_do_not_stop_an_end_half_way(tmp_path: Path) -> None:
+    """Found in review: an events stream or the changes stream forged to
+    another type made the final transition's Lua call stop after the
+    record's write — no finished mark, no lease end, no delivery."""
+    store, deliverer = make(tmp_path)
+    task_id, _ = store.records.create("dev", {})
+    store.redis.delete(store.keys.events(task_id))
+    store.redis.set(store.keys.events(task_id), "forged")
+    store.redis.delete(store.keys.changes)
+    store.redis.set(store.keys.changes, "forged")
+    store.records.transition(task_id, State.FAILED, finished_at=DONE)
+    assert store.records.finished_before(task_id)
+    assert [d.task for d in due(deliverer)] == [task_id]
+    assert store.records.create("dev", {})[1]  # and new tasks are still written
+
+
+def test_two_ends_of_one_task_are_two_deliveries(tmp_path: Path) -> None:
+    """Found in review: a task retried and cancelled before it ran again
+    ended twice under one attempt number, and one id."""
+    store, deliverer = make(tmp_path)
+    task_id = finish(store)
+    store.records.reopen(task_id)
+    store.records.transition(task_id, State.CANCELLED, finished_at=DONE)
+    taken = due(deliverer)
+    assert sorted(d.record["state"] for d in taken) == ["cancelled", "failed"]
+    assert len({d.id for d in taken}) == 2
+
+
+def test_a_snapshot_is_bounded_and_a_record_names_few_hooks(tmp_path: Path) -> None:
+    store, deliverer = make(tmp_path)
+    task_id, _ = store.records.create("dev", {})
+    store.records.transition(task_id, State.FAILED, finished_at=DONE, result={"big": "x" * 400_000})
+    [delivery] = due(deliverer)
+    assert delivery.record["result"] is None and "over 262144 bytes" in delivery.record["result_omitted"]
+    with pytest.raises(ValueError):
+        store.records.create("dev", {}, on_done=[f"h{n}" for n in range(17)])
 
 
 def test_a_delivery_fleet_did_not_write_is_dropped_not_retaken_forever(tmp_path: Path) -> None:

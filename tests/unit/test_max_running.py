@@ -48,10 +48,11 @@ def test_another_agents_slots_and_an_uncapped_claim_are_apart() -> None:
 def test_a_dead_hosts_slot_is_free_once_its_lease_ran_out_and_a_live_one_is_renewed() -> None:
     s = store()
     dead, live, waiting = (s.records.create("dev", {})[0] for _ in range(3))
-    claim(s, dead, cap=2, ttl_ms=1)  # its lease (and so its slot) has run out at once
+    claim(s, dead, cap=2, ttl_ms=1)  # its lease has run out at once
+    s.redis.zadd(s.keys.running("dev"), {dead: 1})  # and its slot (a second later) too
     claim(s, live, cap=2)
     s.redis.zadd(s.keys.running("dev"), {live: 1})  # as if about to run out: the renewal moves it on
-    assert s.leases.renew(live, "dev", "h1:1", 1, TTL_MS, capped=True)
+    assert s.leases.renew(live, "dev", "h1:1", 1, TTL_MS, max_running=2)
     claim(s, waiting, cap=2)
     assert sorted(s.redis.zrange(s.keys.running("dev"), 0, -1)) == sorted([live, waiting])
 
@@ -89,7 +90,7 @@ def test_a_renewal_that_takes_its_lease_back_takes_its_slot_back() -> None:
     running, waiting = s.records.create("dev", {})[0], s.records.create("dev", {})[0]
     claim(s, running, cap=1)
     s.redis.delete(s.keys.lease(running), s.keys.running("dev"))
-    assert s.leases.renew(running, "dev", "h1:1", 1, TTL_MS, capped=True)
+    assert s.leases.renew(running, "dev", "h1:1", 1, TTL_MS, max_running=1)
     with pytest.raises(SlotsTaken):
         claim(s, waiting, cap=1)
 
@@ -100,3 +101,14 @@ def test_an_uncapped_renewal_takes_no_slot() -> None:
     claim(s, task_id, cap=None)
     assert s.leases.renew(task_id, "dev", "h1:1", 1, TTL_MS)
     assert s.leases.slots_taken("dev") == 0
+
+
+def test_a_lease_taken_back_takes_no_slot_another_task_took_meanwhile() -> None:
+    """Found in review: the renewal re-added the slot over the cap."""
+    s = store()
+    lost, other = s.records.create("dev", {})[0], s.records.create("dev", {})[0]
+    claim(s, lost, cap=1)
+    s.redis.delete(s.keys.lease(lost), s.keys.running("dev"))  # a Redis restart lost both
+    claim(s, other, cap=1)  # and another task took the one slot
+    assert not s.leases.renew(lost, "dev", "h1:1", 1, TTL_MS, max_running=1)  # so this run ends
+    assert s.leases.slots_taken("dev") == 1
