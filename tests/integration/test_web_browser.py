@@ -9,12 +9,16 @@ docs/screenshots/ was made), else to the test's own directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -65,8 +69,9 @@ def test_the_dashboard_in_a_real_browser(make_fleet: MakeFleet, tmp_path: Path) 
     client = fleet.client()
     listed = [client.submit("dev", {"echo": f"task {n}"}) for n in range(3)]
     failing = client.submit("boss", {"exit": 3})
-    client.wait_many([*listed, failing], 60)
-    talker = client.submit("dev", {"lines": 15, "interval": 0.4})
+    retried = client.submit("dev", {"exit": 75, "fail_until_attempt": 2})  # transient once, then fine
+    client.wait_many([*listed, failing, retried], 60)
+    talker = client.submit("dev", {"lines": 15, "interval": 0.6})
 
     with chromium(tmp_path / "profile") as driver:
         driver.get(f"{base}/tasks")
@@ -79,7 +84,7 @@ def test_the_dashboard_in_a_real_browser(make_fleet: MakeFleet, tmp_path: Path) 
         driver.get(f"{base}/tasks/{talker}")
         first = driver.find_element(By.ID, "log").text
         WebDriverWait(driver, 30).until(lambda d: "line 15" in d.find_element(By.ID, "log").text)
-        assert first.count("line ") < 15  # the page showed fewer, then the rest arrived on it
+        assert first.count("line ") < 15, first  # the page showed fewer, then the rest arrived on it
         WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "state").text == "succeeded")
         driver.save_screenshot(str(shots / "task.png"))
 
@@ -102,3 +107,22 @@ def test_the_dashboard_in_a_real_browser(make_fleet: MakeFleet, tmp_path: Path) 
         driver.find_element(By.ID, "cancel").click()
         WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "state").text == "cancelled")
     assert client.wait(sleeper, 30).state == State.CANCELLED
+
+    # /metrics, as Prometheus reads it, agrees with `fleet tasks` after the mixed run.
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as answer:
+        families = list(text_string_to_metric_families(answer.read().decode()))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+    listed_now = json.loads(fleet.cli("tasks", "--json").stdout)
+    by_state = Counter((t["agent"], t["state"]) for t in listed_now)
+    scraped = {(agent, str(state)): samples[("fleet_tasks", (("agent", agent), ("state", str(state))))]
+               for agent in ("dev", "boss") for state in State}
+    assert scraped == {key: by_state[key] for key in scraped}, listed_now
+    finished = {(a, o): samples[("fleet_tasks_finished_total", (("agent", a), ("outcome", o)))]
+                for a in ("dev", "boss") for o in ("succeeded", "failed", "cancelled")}
+    assert finished == {("dev", "succeeded"): 5, ("dev", "failed"): 0, ("dev", "cancelled"): 1,
+                        ("boss", "succeeded"): 0, ("boss", "failed"): 1, ("boss", "cancelled"): 0}
+    assert samples[("fleet_task_retries_total", (("agent", "dev"), ("kind", "transient")))] == 1
+    assert samples[("fleet_task_duration_seconds_count", (("agent", "dev"),))] == 6
+    assert samples[("fleet_host_up", (("host", "testhost"),))] == 1
+    with urllib.request.urlopen(f"{base}/healthz", timeout=10) as answer:
+        assert json.loads(answer.read()) == {"status": "ok", "redis": "ok"}
