@@ -35,6 +35,7 @@ install_missing_packages() {
   if [ "${1:-}" = test ]; then  # the browser tests of fleet web
     command -v chromium >/dev/null || missing+=(chromium fonts-liberation)
     command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    command -v promtool >/dev/null || missing+=(prometheus)  # checks docs/monitoring/
   fi
   [ ${#missing[@]} -eq 0 ] && return 0
   if is_root && is_debian; then
@@ -45,7 +46,7 @@ install_missing_packages() {
       || die "apt-get install ${missing[*]} failed; see $log_dir/apt.log"
     # The package may start redis-server as a service; fleet starts its own.
   else
-    say "warning: missing ${missing[*]}; install them (fleet needs a Docker engine, redis-server, python3-venv; its tests chromium and chromedriver)"
+    say "warning: missing ${missing[*]}; install them (fleet needs a Docker engine, redis-server, python3-venv; its tests chromium, chromedriver and promtool)"
   fi
 }
 
