@@ -16,14 +16,17 @@ from fleet.settings import PROXY_IMAGE
 
 @click.command()
 @click.option("--agent", "agent_names", multiple=True, help="Serve only these agents.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object per line, with host, agent, task and attempt where they apply.")
 @pass_context
-def worker(ctx: Context, agent_names: tuple[str, ...]) -> None:
+def worker(ctx: Context, agent_names: tuple[str, ...], log_format: str) -> None:
     """Run the consumers for these agents (default: all) in the foreground."""
-    from fleet.worker.main import configure_logging, run_workers
+    from fleet.worker.logs import configure_logging
+    from fleet.worker.main import run_workers
 
     if not ctx.settings.agents:
         raise UsageError("no agents configured: add an [agents.NAME] table to fleet.toml")
-    configure_logging()
+    configure_logging(log_format, ctx.settings.host)
     sys.exit(run_workers(ctx.settings, list(agent_names)))
 
 

@@ -44,6 +44,7 @@ from fleet.worker.celery_control import install_revoke
 from fleet.worker.effects import Credentials
 from fleet.worker.holdback import ConsumptionControl, install
 from fleet.worker.housekeeping import Housekeeper
+from fleet.worker.logs import serving
 from fleet.worker.runner import TaskRunner, register_consumer
 from fleet.worker.running import HANDBACK, RunningTasks
 
@@ -59,6 +60,7 @@ def serve_agent(settings: FleetSettings, agent: str) -> int:
     # The consumer drives the Docker engine, which is root-equivalent anyway;
     # Celery's warning about running as root says nothing new here.
     warnings.filterwarnings("ignore", category=SecurityWarning)
+    serving(agent)
     logging.getLogger("celery.app.trace").addFilter(put_back_without_traceback)
     spec = settings.agent(agent)
     queues = [queue_name(settings.namespace, agent), queue_name(settings.namespace, agent, settings.host)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 from types import FrameType
 
 from fleet.container.engine import connect
@@ -69,7 +68,3 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
     finally:
         heartbeat.stopped()
 
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -42,6 +42,7 @@ from fleet.state.records import new_task_id
 from fleet.state.store import TaskStore
 from fleet.worker.decision import AttemptFacts, decide, engine_failure, rejection
 from fleet.worker.effects import Credentials, Effects, until_stored
+from fleet.worker.logs import about_task, attempt_known
 from fleet.worker.outcome import EXIT_CREDENTIAL
 from fleet.worker.output import OutputRecorder
 from fleet.worker.running import RunningTask, RunningTasks
@@ -95,7 +96,7 @@ class TaskRunner:
                     kwargs: Mapping[str, Any]) -> TaskRecord | None:
         """Handle one message of the agent's queue (fleet.broker.message);
         the task's record afterwards, or None if it names no task of its own."""
-        with self.running.handling():
+        with self.running.handling(), about_task(str(message_id), None):
             match read_message(message_id, args, kwargs):
                 case RunTask(task_id, attempt):
                     written = self.handle(task_id, attempt)
@@ -193,6 +194,7 @@ class TaskRunner:
                         log.info("not running task %s: %s", task_id, refused)
                         return None
                     claimed = True
+                    attempt_known(record.attempts)
                     done = self.attempt(record, payload, spec, container, leased_at)
             except EngineError as error:
                 if isinstance(error, ChannelBroken) and held is not None:
