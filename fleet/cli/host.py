@@ -18,8 +18,12 @@ from fleet.settings import PROXY_IMAGE
 @click.option("--agent", "agent_names", multiple=True, help="Serve only these agents.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: one object per line, with host, agent, task and attempt where they apply.")
+@click.option("--health-port", type=click.IntRange(1, 65535),
+              help="Serve GET /healthz on this port (200 while this host and its consumers are live).")
+@click.option("--health-host", default="127.0.0.1", show_default=True, help="The address of --health-port.")
 @pass_context
-def worker(ctx: Context, agent_names: tuple[str, ...], log_format: str) -> None:
+def worker(ctx: Context, agent_names: tuple[str, ...], log_format: str, health_port: int | None,
+           health_host: str) -> None:
     """Run the consumers for these agents (default: all) in the foreground."""
     from fleet.worker.logs import configure_logging
     from fleet.worker.main import run_workers
@@ -27,7 +31,8 @@ def worker(ctx: Context, agent_names: tuple[str, ...], log_format: str) -> None:
     if not ctx.settings.agents:
         raise UsageError("no agents configured: add an [agents.NAME] table to fleet.toml")
     configure_logging(log_format, ctx.settings.host)
-    sys.exit(run_workers(ctx.settings, list(agent_names)))
+    health = (health_host, health_port) if health_port is not None else None
+    sys.exit(run_workers(ctx.settings, list(agent_names), health))
 
 
 @click.group()

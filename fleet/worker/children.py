@@ -1,5 +1,5 @@
 """The child processes of `fleet worker` (one consumer per agent, the
-heartbeat and, with on_done hooks configured, their deliverer), forked
+heartbeat and, when asked for, the on_done deliverer and the health probe), forked
 from a parent that has imported what they need, and restarted with backoff
 when one dies."""
 
@@ -19,16 +19,12 @@ from multiprocessing.process import BaseProcess
 
 from fleet.settings import FleetSettings
 from fleet.worker.consumer import serve_agent
-from fleet.worker.heartbeat import Heartbeat
-from fleet.worker.on_done import deliver_forever
 
 log = logging.getLogger("fleet.worker")
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-HEARTBEAT = ":heartbeat"  # the heartbeat child's name beside the agents' (no agent name has a colon)
-ON_DONE = ":on-done"  # the on_done deliverer's
 STABLE_AFTER_S = 60.0  # a consumer up this long before it died restarts without backoff
 
 
@@ -52,10 +48,13 @@ class Children:
     consumer needs: a consumer starts in a fraction of the CPU a fresh
     interpreter would take, and shares those pages with its siblings."""
 
-    def __init__(self, settings: FleetSettings, agents: list[str], heartbeat: Heartbeat) -> None:
+    def __init__(self, settings: FleetSettings, agents: list[str],
+                 others: dict[str, Callable[[], int | None]]) -> None:
+        """`others`: the children that are not consumers (the heartbeat, the
+        on_done deliverer, the health probe), by name (no agent's name has a colon)."""
         self.settings = settings
-        self.agents = [*agents, HEARTBEAT, *([ON_DONE] if settings.on_done else [])]
-        self.heartbeat = heartbeat
+        self.others = others
+        self.agents = [*agents, *others]
         self.processes: dict[str, BaseProcess] = {}
         self.restarts: dict[str, int] = dict.fromkeys(self.agents, 0)
         self.started_at: dict[str, float] = {}
@@ -67,10 +66,7 @@ class Children:
         # child: hold the signals back until it is on the books.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            body: Callable[[], int | None] = (
-                self.heartbeat.run if agent == HEARTBEAT
-                else partial(deliver_forever, self.settings) if agent == ON_DONE
-                else partial(serve_agent, self.settings, agent))
+            body = self.others.get(agent) or partial(serve_agent, self.settings, agent)
             process = multiprocessing.get_context("fork").Process(
                 target=run_child, args=(body, os.getpid(), previous), name=f"fleet-{agent}")
             process.start()

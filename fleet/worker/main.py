@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from functools import partial
 from types import FrameType
 
 from fleet.container.engine import connect
@@ -17,8 +19,9 @@ from fleet.container.manager import ContainerManager
 from fleet.errors import UsageError
 from fleet.settings import FleetSettings
 from fleet.worker.children import Children
+from fleet.worker.health import serve_health
 from fleet.worker.heartbeat import Heartbeat
-from fleet.worker.on_done import hook_secrets
+from fleet.worker.on_done import deliver_forever, hook_secrets
 
 log = logging.getLogger("fleet.worker")
 
@@ -35,7 +38,7 @@ def agents_served(settings: FleetSettings, asked: list[str]) -> list[str]:
     return served
 
 
-def run_workers(settings: FleetSettings, agents: list[str]) -> int:
+def run_workers(settings: FleetSettings, agents: list[str], health: tuple[str, int] | None = None) -> int:
     """Start one consumer process per agent and supervise them until stopped.
     Each consumer makes sure of its agent's container before it consumes, so
     the engine and the consumers' start-up work at once; what would fail
@@ -54,7 +57,12 @@ def run_workers(settings: FleetSettings, agents: list[str]) -> int:
         log.info("removed %s: no agent of this host has its egress any more", name)
     heartbeat = Heartbeat(settings, agents)
     heartbeat.beat(heartbeat.registry(), manager)  # registered before any consumer runs
-    children = Children(settings, agents, heartbeat)
+    others: dict[str, Callable[[], int | None]] = {":heartbeat": heartbeat.run}
+    if settings.on_done:
+        others[":on-done"] = partial(deliver_forever, settings)
+    if health is not None:
+        others[":health"] = partial(serve_health, settings, agents, *health)
+    children = Children(settings, agents, others)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         children.stopping = True
