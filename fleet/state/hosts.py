@@ -43,6 +43,7 @@ class Registration(BaseModel):
     agents: list[str]
     slots: dict[str, int]  # agent → concurrency
     containers: dict[str, str] = Field(default_factory=dict)  # container name → spec hash
+    specs: dict[str, str] = Field(default_factory=dict)  # agent → the hash its container should have
     version: str = Field(default=__version__)
     pid: int
     started_at: float

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from fleet.container.spec import container_name
 from fleet.errors import FleetError, TaskNotFound
 from fleet.record import State
 from fleet.state.events import Event
@@ -97,7 +98,15 @@ def agents(web: Web, request: Request) -> Response:
 
 
 def hosts(web: Web, request: Request) -> Response:
-    return web.render(request, "hosts.html", hosts=web.client.hosts.all(), now=time.time())
+    rows = []
+    for host in web.client.hosts.all():
+        registration = host.registration
+        settings = web.client.settings.model_copy(update={"host_id": registration.host_id})
+        expected = {container_name(settings, agent): spec for agent, spec in registration.specs.items()}
+        rows.append({"status": host, "containers": [
+            (name, spec, "current" if expected.get(name) == spec else "drifted" if name in expected else "")
+            for name, spec in sorted(registration.containers.items())]})
+    return web.render(request, "hosts.html", hosts=rows, now=time.time())
 
 
 def alerts(web: Web, request: Request) -> Response:

@@ -39,7 +39,8 @@ class Heartbeat:
 
     def beat(self, registry: HostRegistry, manager: ContainerManager) -> None:
         containers = {str(c.name): c.labels.get(LABEL_SPEC_HASH, "") for c in manager.containers()}
-        self.registration = self.registration.model_copy(update={"containers": containers})
+        specs = {agent: manager.spec(agent).hash for agent in self.registration.agents}
+        self.registration = self.registration.model_copy(update={"containers": containers, "specs": specs})
         registry.beat(self.registration)
 
     def run(self) -> None:

@@ -158,3 +158,17 @@ def test_beyond_loopback_only_with_a_token(tmp_path: Path) -> None:
     short.write_text("short")
     with pytest.raises(UsageError, match="holds under 16 characters"):
         make_app(settings(tmp_path).model_copy(update={"web_token_file": short}))
+
+
+def test_the_hosts_page_shows_a_container_whose_spec_drifted(fleet: FleetClient, browser: TestClient) -> None:
+    from fleet.container.spec import container_name
+    from fleet.state.hosts import Registration
+
+    named = {agent: container_name(fleet.settings, agent) for agent in ("dev", "boss")}
+    fleet.hosts.beat(Registration(host_id="h1", agents=["dev", "boss"], slots={"dev": 1, "boss": 1}, pid=1,
+                                  started_at=0, containers={named["dev"]: "aaaa", named["boss"]: "old"},
+                                  specs={"dev": "aaaa", "boss": "bbbb"}))
+    page = browser.get("/hosts").text
+    dev_row, boss_row = (page.split(named[agent])[1].split("<br>")[0] for agent in ("dev", "boss"))
+    assert "current" in dev_row and "drifted" not in dev_row
+    assert "drifted" in boss_row
