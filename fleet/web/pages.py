@@ -14,7 +14,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from fleet.connection import redis_errors
 from fleet.container.spec import container_name
+from fleet.credentials.alerts import CREDENTIAL_FAILURE
 from fleet.errors import FleetError, TaskNotFound
 from fleet.record import State
 from fleet.state.events import Event
@@ -22,6 +24,7 @@ from fleet.web.context import Web
 
 STREAM_BLOCK_MS = 2000  # one blocking read of a stream; a quiet spell sends a comment (keeps proxies open)
 PAGE = 50
+ALERTS_LOOKED_AT = 1000  # the newest alerts searched for an agent's last credential failure
 
 
 def since_param(value: str) -> float | None:
@@ -85,6 +88,12 @@ def agents(web: Web, request: Request) -> Response:
     client = web.client
     hosts = client.hosts.all()
     tokens = TokenStore(client.settings).list() if client.settings.secrets_dir.is_dir() else []
+    last_failure: dict[str, dict[str, str]] = {}  # the newest credential failure of each agent
+    with redis_errors():
+        recent: Any = client.store.redis.xrevrange(client.store.keys.alerts, "+", "-", ALERTS_LOOKED_AT)
+    for _, fields in recent:
+        if fields.get("kind") == CREDENTIAL_FAILURE:
+            last_failure.setdefault(fields.get("agent", ""), fields)
     rows = []
     for name, spec in sorted(client.settings.agents.items()):
         pause = client.breaker.paused(name)
@@ -93,7 +102,8 @@ def agents(web: Web, request: Request) -> Response:
             "running": sum(h.consumers[name].running for h in hosts if name in h.consumers),
             "slots": {h.registration.host_id: h.registration.slots.get(name, 0) for h in hosts
                       if name in h.registration.agents},
-            "paused": pause, "tokens": [t for t in tokens if t.agent == name]})
+            "paused": pause, "tokens": [t for t in tokens if t.agent == name],
+            "last_failure": last_failure.get(name)})
     return web.render(request, "agents.html", agents=rows, now=time.time())
 
 

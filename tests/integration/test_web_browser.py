@@ -126,3 +126,10 @@ def test_the_dashboard_in_a_real_browser(make_fleet: MakeFleet, tmp_path: Path) 
     assert samples[("fleet_host_up", (("host", "testhost"),))] == 1
     with urllib.request.urlopen(f"{base}/healthz", timeout=10) as answer:
         assert json.loads(answer.read()) == {"status": "ok", "redis": "ok"}
+
+
+def test_fleet_web_refuses_to_bind_beyond_loopback_without_a_token(make_fleet: MakeFleet) -> None:
+    fleet = make_fleet({"dev": {}})
+    refused = fleet.cli("web", "--host", "0.0.0.0", "--port", str(free_port()), timeout=30)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1
+    assert "binds to 0.0.0.0 only with web_token_file set" in refused.stderr

@@ -56,6 +56,9 @@ def test_the_pages_show_the_tasks_and_a_task_with_its_log(fleet: FleetClient, br
     assert 'id="cancel"' not in page.text and "read-only" in page.text
     for path in ("/agents", "/hosts", "/alerts"):
         assert browser.get(path).status_code == 200
+    fleet.alerts.emit("credential_failure", "dev", "token forge was rejected with HTTP 401")
+    dev_row = browser.get("/agents").text.split('data-agent="dev"')[1]
+    assert "token forge was rejected with HTTP 401" in dev_row
     assert browser.get("/tasks/nosuch").status_code == 404
     assert browser.get("/tasks?state=bogus").status_code == 400
     assert browser.get("/tasks?cursor=nonsense").status_code == 400
@@ -70,19 +73,26 @@ def test_pages_follow_their_cursor(fleet: FleetClient, browser: TestClient) -> N
     assert made[9] in second.text and made[-1] not in second.text
 
 
-@pytest.mark.parametrize(("path", "before"), [
-    ("/tasks/{task}/cancel", State.QUEUED), ("/agents/dev/resume", None), ("/hosts/h1/drain", None)])
+@pytest.mark.parametrize("path", ["/tasks/{queued}/cancel", "/tasks/{finished}/retry", "/agents/dev/resume",
+                                  "/hosts/h1/drain", "/hosts/h2/undrain"])
 def test_without_the_token_every_action_is_refused_and_changes_nothing(
-        fleet: FleetClient, browser: TestClient, path: str, before: State | None) -> None:
-    task_id = queued(fleet)
+        fleet: FleetClient, browser: TestClient, path: str) -> None:
+    from fleet.state.hosts import Registration
+
+    task_id, finished = queued(fleet), queued(fleet)
+    fleet.store.records.transition(finished, State.FAILED, finished_at=DONE)
     fleet.breaker.pause("dev", "credential failure", "forge")
-    url = path.format(task=task_id)
+    for host in ("h1", "h2"):
+        fleet.hosts.beat(Registration(host_id=host, agents=["dev"], slots={"dev": 1}, pid=1, started_at=0))
+    fleet.hosts.drain("h2")
+    url = path.format(queued=task_id, finished=finished)
     assert browser.post(url).status_code == 401
     assert browser.post(url, headers={"authorization": "Bearer not-the-token-at-all"}).status_code == 401
     browser.cookies.set(SESSION_COOKIE, "forged")
     assert browser.post(url, data={"csrf": "x"}).status_code == 401
-    assert fleet.status(task_id).state == State.QUEUED
+    assert fleet.status(task_id).state == State.QUEUED and fleet.status(finished).state == State.FAILED
     assert fleet.breaker.paused("dev") is not None
+    assert not fleet.hosts.is_drained("h1") and fleet.hosts.is_drained("h2")
 
 
 def test_a_signed_in_browser_acts_only_with_its_csrf_value(fleet: FleetClient, browser: TestClient) -> None:
