@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import redis
@@ -218,6 +218,22 @@ def build_fleet(default_redis_url: str, directory: Path, agents: dict[str, dict[
         del os.environ["FLEET_CONFIG"]
     return Fleet(settings, config)
 
+
+
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 30) -> T:
+    """Poll a condition that no event announces (a heartbeat's age, a
+    registry entry, a health probe: what its own callers poll too)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (value := check()) is not None:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_for_state(client: Any, task_id: str, state: Any, timeout: float = 60) -> Any:

@@ -14,19 +14,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import pytest
 from simhosts import SimulatedNetwork
-from support import Fleet, MakeFleet, child_pids, overlapping, read_runs, wait_for_state
+from support import Fleet, MakeFleet, child_pids, eventually, overlapping, read_runs, wait_for_state
 
 from fleet.container.spec import container_name
 from fleet.errors import WaitTimeout
 from fleet.record import ErrorKind, State
 
 HOSTS = ["h1", "h2", "h3"]
-T = TypeVar("T")
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 
@@ -36,16 +35,6 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatedNetwo
     made = SimulatedNetwork.create(tmp_path_factory.mktemp("simhosts"), HOSTS)
     yield made
     made.destroy()
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 30) -> T:
-    """Poll a condition that no event announces (a heartbeat's age, a registry entry)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := check()) is not None:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def alive(pid: int) -> bool:

@@ -9,12 +9,11 @@ import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-from support import FLEET, MakeFleet, Worker, child_pids, free_port
+from support import FLEET, MakeFleet, Worker, child_pids, eventually, free_port
 
 from fleet.record import State
 
@@ -60,16 +59,6 @@ def listening(port: int, pids: list[int]) -> int:
     raise AssertionError(f"nothing of {pids} listens on {port}")
 
 
-def until(check: Any, what: str, timeout: float = 30) -> Any:
-    """Poll a probe, as its caller (systemd, Kubernetes) does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (found := check()) is not None:
-            return found
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_the_health_probe_says_whether_this_host_and_its_consumers_are_live(make_fleet: MakeFleet) -> None:
     fleet = make_fleet({"dev": {}, "boss": {}}, lease_ttl_s=3, heartbeat_s=1)
     port = free_port()
@@ -78,7 +67,7 @@ def test_the_health_probe_says_whether_this_host_and_its_consumers_are_live(make
                                      start_new_session=True))
     fleet.workers.append(worker)
     worker.wait_for_line(" ready.", count=2)
-    _, body = until(lambda: p if (p := probe(port))[0] == 200 else None, "a healthy probe")
+    _, body = eventually(lambda: p if (p := probe(port))[0] == 200 else None, "a healthy probe")
     assert body["status"] == "ok" and body["host"] == "testhost" and body["problems"] == []
     children = child_pids(worker.process.pid)
     health = listening(port, children)
@@ -86,7 +75,7 @@ def test_the_health_probe_says_whether_this_host_and_its_consumers_are_live(make
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
     try:
-        _, body = until(lambda: p if (p := probe(port))[0] == 503 and len(p[1]["problems"]) == 3
+        _, body = eventually(lambda: p if (p := probe(port))[0] == 503 and len(p[1]["problems"]) == 3
                              else None, "an unhealthy probe naming the host and both consumers")
         assert "host testhost is lost" in body["problems"], body
         assert {problem.split(" last reported")[0] for problem in body["problems"][1:]} == {
@@ -94,4 +83,4 @@ def test_the_health_probe_says_whether_this_host_and_its_consumers_are_live(make
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
-    until(lambda: p if (p := probe(port))[0] == 200 else None, "healthy again")
+    eventually(lambda: p if (p := probe(port))[0] == 200 else None, "healthy again")
