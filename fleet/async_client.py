@@ -62,7 +62,8 @@ class AsyncFleetClient:
                 for task_id in task_ids:
                     pipe.hmget(self.keys.task(task_id), fields)
                 rows = await pipe.execute(raise_on_error=False)
-        records = [readable_record(fields, values) for values in rows]
+        records = [readable_record(fields, values, task_id)
+                   for task_id, values in zip(task_ids, rows, strict=True)]
         for task_id, record in zip(task_ids, records, strict=True):
             if record is None:
                 raise TaskNotFound(task_id)

@@ -171,10 +171,12 @@ def alerts(ctx: Context, follow: bool, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="The address to bind; beyond loopback only with web_token_file set.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8055, show_default=True)
+@click.option("--allowed-host", "names", multiple=True,
+              help="A further Host name it answers to (behind a proxy); loopback's always.")
 @pass_context
-def web(ctx: Context, host: str, port: int) -> None:
+def web(ctx: Context, host: str, port: int, names: tuple[str, ...]) -> None:
     """The dashboard (tasks, agents, hosts, alerts; actions with the token),
     Prometheus metrics at /metrics and /healthz."""
     from fleet.web.app import serve  # needs the `web` extra
 
-    serve(ctx.settings, host, port)
+    serve(ctx.settings, host, port, list(names))

@@ -97,7 +97,10 @@ class Leases:
             raw: dict[str, str] = pipe.hgetall(key)  # type: ignore[assignment]
             if not raw or pipe.exists(lease_key):
                 return
-            current = decode_record(raw)
+            try:
+                current = decode_record(raw, task_id)
+            except ValueError:  # not a record a worker may act on
+                return
             if current.state != State.RUNNING:
                 return
             error = TaskError(kind=ErrorKind.LOST, message=(

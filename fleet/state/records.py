@@ -85,8 +85,10 @@ class TaskRecords:
         raw = self._call(self.redis.hgetall, self.keys.task(task_id))
         if not raw:
             raise TaskNotFound(task_id)
-        payload: dict[str, Any] = json.loads(raw.get("payload", "{}"))
-        return decode_record(raw), payload
+        try:
+            return decode_record(raw, task_id), json.loads(raw.get("payload", "{}"))
+        except (ValueError, TypeError):  # not a record fleet could have written: none to act on
+            raise TaskNotFound(task_id) from None
 
     def queued_before(self, agent: str, before: float) -> list[TaskRecord]:
         """The agent's tasks that have been `queued` since before `before` (epoch seconds)."""
@@ -98,13 +100,14 @@ class TaskRecords:
         """Records without their payloads (up to payload_limit each), in one
         round trip; None for a missing one, and for a key that holds no
         record fleet could have written (another type, fields that do not
-        decode): whoever may write records must not stop their readers."""
+        decode, or another task's id): whoever may write records must not
+        stop their readers, nor aim a writer at another task."""
         fields = [*RECORD_FIELDS, "revision"]
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
                 pipe.hmget(self.keys.task(task_id), fields)
             rows = self._call(pipe.execute, raise_on_error=False)
-        return [readable_record(fields, values) for values in rows]
+        return [readable_record(fields, values, task_id) for task_id, values in zip(ids, rows, strict=True)]
 
     def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
         """Whether this consumer is the one to publish a lost message again:
@@ -194,7 +197,7 @@ class TaskRecords:
         (`fleet retry`): its outcome cleared, its finished mark and Celery
         result removed, its record kept again. StaleTransition unless final."""
         return self.transition(task_id, State.QUEUED, reopen=True, require=None, error=None, result=None,
-                               exit_code=None, finished_at=None, retry_at=None)
+                               exit_code=None, started_at=None, finished_at=None, retry_at=None)
 
     def forbid(self, task_id: str) -> bool:
         """Mark an id as a finished (cancelled) task's, for `retention_s`, so
@@ -357,19 +360,26 @@ def encode_record(record: TaskRecord) -> dict[str, str]:
     return {name: json.dumps(data[name]) for name in RECORD_FIELDS}
 
 
-def readable_record(fields: list[str], values: Any) -> TaskRecord | None:
+def readable_record(fields: list[str], values: Any, task_id: str | None = None) -> TaskRecord | None:
     if not isinstance(values, list) or values[0] is None:  # missing, or a key of another type
         return None
     try:
-        return decode_record({f: v for f, v in zip(fields, values, strict=True) if v is not None})
+        return decode_record({f: v for f, v in zip(fields, values, strict=True) if v is not None}, task_id)
     except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
         return None
 
 
-def decode_record(raw: dict[str, str]) -> TaskRecord:
-    return TaskRecord.model_validate(
+def decode_record(raw: dict[str, str], task_id: str | None = None) -> TaskRecord:
+    """A record from its hash; with `task_id` (the key it was read under),
+    ValueError unless it says that id: every write of a transition is
+    aimed by the record's id, and whoever may write records could otherwise
+    put a victim's id in a record of their own (found in review)."""
+    record = TaskRecord.model_validate(
         {**{name: json.loads(raw[name]) for name in RECORD_FIELDS if name in raw},
          "revision": int(raw.get("revision", 0))}
     )
+    if task_id is not None and record.id != task_id:
+        raise ValueError(f"the record under task {task_id} says it is task {record.id!r:.80}")
+    return record
 
 

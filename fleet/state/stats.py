@@ -40,7 +40,7 @@ def count_change(pipe: Pipeline, keys: Keys, before: State | None, record: TaskR
     """Add a change of state's counts to the writes of that change."""
     if record.state in FINAL_STATES:
         pipe.hincrby(keys.stats_finished, f"{record.agent}|{record.state}", 1)
-        if record.started_at and record.finished_at:
+        if before == State.RUNNING and record.started_at and record.finished_at:  # a run that ended
             took = max(0.0, (datetime.fromisoformat(record.finished_at)
                              - datetime.fromisoformat(record.started_at)).total_seconds())
             histogram = keys.stats_duration(record.agent)

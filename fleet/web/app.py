@@ -9,30 +9,60 @@ live parts: no front-end build, nothing fetched from elsewhere at run time."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from functools import partial
 from typing import Any
 
+import redis.asyncio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.client import FleetClient
+from fleet.connection import connect_redis_async
 from fleet.errors import UsageError
 from fleet.settings import FleetSettings
 from fleet.web import actions, pages
-from fleet.web.auth import SESSION_COOKIE, read_token
+from fleet.web.auth import SESSION_COOKIE, SESSION_S, read_token
 from fleet.web.context import Web
 from fleet.web.metrics import FleetCollector
 
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
 
-def make_app(settings: FleetSettings, client: FleetClient | None = None) -> Starlette:
-    web = Web.make(client or FleetClient(settings), read_token(settings.web_token_file))
+
+class SecurityHeaders:
+    """Every answer says: never in a frame (clickjacking), no type sniffing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, sending if scope["type"] == "http" else send)
+
+
+def make_app(settings: FleetSettings, client: FleetClient | None = None,
+             streams: redis.asyncio.Redis | None = None, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The app; `allowed_hosts`: the Host names it answers (default: loopback's
+    only — a DNS-rebinding page then cannot read it through the browser)."""
+    web = Web.make(client or FleetClient(settings), read_token(settings.web_token_file),
+                   streams or connect_redis_async(settings))
+    failed_logins = asyncio.Lock()
     registry = CollectorRegistry(auto_describe=True)
     registry.register(FleetCollector(web.client))
 
@@ -42,9 +72,9 @@ def make_app(settings: FleetSettings, client: FleetClient | None = None) -> Star
     async def metrics(request: Request) -> Response:
         return Response(await run_in_threadpool(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
-    def healthz(request: Request) -> Response:
+    async def healthz(request: Request) -> Response:
         try:
-            web.client.store.redis.ping()
+            await web.streams.ping()
         except Exception as error:  # redis-py's, or a socket's: the service is up, Redis is not
             return JSONResponse({"status": "unhealthy", "redis": str(error)[:200]}, status_code=503)
         return JSONResponse({"status": "ok", "redis": "ok"})
@@ -54,9 +84,12 @@ def make_app(settings: FleetSettings, client: FleetClient | None = None) -> Star
             return web.render(request, "login.html")
         form = await request.form()
         if not web.operators.token_matches(str(form.get("token", ""))):
+            async with failed_logins:  # one wrong guess a second, whoever guesses
+                await asyncio.sleep(1)
             return web.render(request, "login.html", status=401, failed=True)
         answer = RedirectResponse("/", status_code=303)
-        answer.set_cookie(SESSION_COOKIE, web.operators.session, httponly=True, samesite="strict")
+        answer.set_cookie(SESSION_COOKIE, web.operators.session(), max_age=SESSION_S, httponly=True,
+                          samesite="strict", secure=request.url.scheme == "https")
         return answer
 
     def logout(request: Request) -> Response:
@@ -89,7 +122,11 @@ def make_app(settings: FleetSettings, client: FleetClient | None = None) -> Star
         Route("/metrics", metrics),
         Route("/healthz", healthz),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: errors})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: errors}, middleware=[
+        Middleware(SecurityHeaders),
+        Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or LOOPBACK_NAMES)])
+    app.state.web = web
+    return app
 
 
 def check_bind(host: str, settings: FleetSettings) -> None:
@@ -103,9 +140,14 @@ def check_bind(host: str, settings: FleetSettings) -> None:
                          "anyone who reaches it could act; bind to 127.0.0.1, or configure the token")
 
 
-def serve(settings: FleetSettings, host: str, port: int) -> None:
+def serve(settings: FleetSettings, host: str, port: int, names: list[str]) -> None:
+    """Serve on host:port; `names` are further Host names it answers to (a
+    bind to every address answers any)."""
     import uvicorn
 
     check_bind(host, settings)
-    uvicorn.run(make_app(settings), host=host, port=port, log_level="info", access_log=False,
+    everywhere = host in ("0.0.0.0", "::")
+    allowed = ["*"] if everywhere else [*LOOPBACK_NAMES, host, f"[{host}]", *names]
+    uvicorn.run(make_app(settings, allowed_hosts=allowed), host=host, port=port, log_level="info",
+                access_log=False,
                 timeout_graceful_shutdown=5)  # live streams never end on their own

@@ -5,13 +5,15 @@ a session cookie (browsers). Everyone else reads.
 A browser's action also carries a CSRF value in its form: a cookie rides
 along with a request another site makes the browser send, the form value
 does not (it is derived from the token, so no server-side session store
-is needed; the cookie is HttpOnly and SameSite=Strict besides). A bearer
+is needed). The cookie carries its expiry (12 hours) signed with the
+token, and is HttpOnly, SameSite=Strict and, over https, Secure. A bearer
 header is never sent by a browser on its own, so it needs none."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from pathlib import Path
 
 from starlette.exceptions import HTTPException
@@ -20,6 +22,7 @@ from starlette.requests import Request
 from fleet.errors import UsageError
 
 SESSION_COOKIE = "fleet_session"
+SESSION_S = 12 * 3600  # a sign-in lasts this long
 MIN_TOKEN_LENGTH = 16
 
 
@@ -45,9 +48,18 @@ class Operators:
         assert self.token is not None
         return hmac.new(self.token.encode(), purpose, hashlib.sha256).hexdigest()
 
-    @property
-    def session(self) -> str:
-        return self.derived(b"fleet-web session")
+    def session(self, now: float | None = None) -> str:
+        """A session cookie's value: when it expires, signed (so it lapses on
+        its own, and no store of sessions is needed)."""
+        expires = int((time.time() if now is None else now) + SESSION_S)
+        return f"{expires}.{self.derived(f'fleet-web session {expires}'.encode())}"
+
+    def session_valid(self, cookie: str) -> bool:
+        expires, _, signed = cookie.partition(".")
+        if not expires.isdigit() or int(expires) < time.time():
+            return False
+        expected = self.derived(f"fleet-web session {expires}".encode())
+        return hmac.compare_digest(signed.encode(), expected.encode())
 
     @property
     def csrf(self) -> str:
@@ -62,8 +74,7 @@ class Operators:
         """Whether this request may act (and so sees the actions)."""
         if self.token is None:
             return False
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        return self.bearer(request) or hmac.compare_digest(cookie.encode(), self.session.encode())
+        return self.bearer(request) or self.session_valid(request.cookies.get(SESSION_COOKIE, ""))
 
     def token_matches(self, offered: str) -> bool:
         return self.token is not None and hmac.compare_digest(offered.strip().encode(), self.token.encode())

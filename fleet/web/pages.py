@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.concurrency import iterate_in_threadpool
+import redis
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -18,12 +18,13 @@ from fleet.connection import redis_errors
 from fleet.container.spec import container_name
 from fleet.credentials.alerts import CREDENTIAL_FAILURE
 from fleet.errors import FleetError, TaskNotFound
-from fleet.record import State
+from fleet.record import State, task_id_problem
 from fleet.state.events import Event
-from fleet.web.context import Web
+from fleet.web.context import MAX_STREAMS, Web
 
 STREAM_BLOCK_MS = 2000  # one blocking read of a stream; a quiet spell sends a comment (keeps proxies open)
 PAGE = 50
+LOG_SHOWN = 1_000_000  # characters of a task's log its page shows at most
 ALERTS_LOOKED_AT = 1000  # the newest alerts searched for an agent's last credential failure
 
 
@@ -55,11 +56,15 @@ def tasks(web: Web, request: Request) -> Response:
 def task(web: Web, request: Request) -> Response:
     task_id = request.path_params["task_id"]
     try:
+        if task_id_problem(task_id) is not None:
+            raise TaskNotFound(task_id)
         record = web.client.status(task_id)
     except TaskNotFound:
         raise HTTPException(404, f"no task {task_id}") from None
     events = web.client.store.events.of_task(task_id)
     log = "".join(e.fields.get("data", "") for e in events if e.type == "output")
+    if len(log) > LOG_SHOWN:  # the page shows the end of a long log (fleet logs ID has it all)
+        log = f"[… the first {len(log) - LOG_SHOWN} characters: fleet logs {task_id}]\n" + log[-LOG_SHOWN:]
     return web.render(request, "task.html", record=record, record_json=record.model_dump_json(indent=2),
                       attempts=attempts_of(events), events=[e for e in events if e.type != "output"],
                       log=log, last_event=events[-1].id if events else "0-0")
@@ -126,36 +131,48 @@ def alerts(web: Web, request: Request) -> Response:
                       last_event=recent[-1].id if recent else "0-0")
 
 
-def sse(events: Iterator[list[Event]], pick: Any) -> StreamingResponse:
-    """Server-sent events: one `data:` line of JSON per event `pick` keeps."""
-    def lines() -> Iterator[str]:
-        for batch in events:
-            if not batch:
-                yield ": quiet\n\n"
-            for event in batch:
-                if (data := pick(event)) is not None:
-                    yield f"id: {event.id}\ndata: {json.dumps(data)}\n\n"
+def sse(web: Web, key: str, after: str, pick: Callable[[Event], Any]) -> StreamingResponse:
+    """Server-sent events of the Redis stream `key` after `after`: one
+    `data:` line of JSON per event `pick` keeps (None: skipped), a comment
+    after a quiet spell. Waits on the asyncio connection; at most
+    MAX_STREAMS at once. A Redis error ends the stream (the browser's
+    EventSource reconnects, with the last id it saw)."""
+    if web.open_streams >= MAX_STREAMS:
+        raise HTTPException(503, f"{MAX_STREAMS} live streams are open already")
 
-    return StreamingResponse(iterate_in_threadpool(lines()), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store"})
+    async def lines() -> AsyncIterator[str]:
+        web.open_streams += 1
+        cursor = after
+        try:
+            while True:
+                reply: Any = await web.streams.xread({key: cursor}, block=STREAM_BLOCK_MS, count=1000)
+                if not reply:
+                    yield ": quiet\n\n"
+                for _, entries in reply or []:
+                    for event_id, fields in entries:
+                        cursor = event_id
+                        if (data := pick(Event(event_id, fields))) is not None:
+                            yield f"id: {event_id}\ndata: {json.dumps(data)}\n\n"
+        except redis.RedisError:
+            return
+        finally:
+            web.open_streams -= 1
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
-def task_log(web: Web, request: Request) -> StreamingResponse:
+async def task_log(web: Web, request: Request) -> StreamingResponse:
     """The task's output as it is recorded, after `after` (the page's last event)."""
-    store = web.client.store
+    keys = web.client.store.keys
     task_id = request.path_params["task_id"]
-    try:
-        store.records.get(task_id)
-    except TaskNotFound:
-        raise HTTPException(404, f"no task {task_id}") from None
+    if task_id_problem(task_id) is not None or not await web.streams.exists(keys.task(task_id)):
+        raise HTTPException(404, f"no task {task_id}")
     after = request.headers.get("last-event-id") or request.query_params.get("after", "0-0")
-    follow = store.events.follow(store.keys.events(task_id), after, block_ms=STREAM_BLOCK_MS)
-    return sse(follow, lambda e: {"stream": e.fields.get("stream"), "data": e.fields.get("data", "")}
+    return sse(web, keys.events(task_id), after, lambda e: {"stream": e.fields.get("stream"),
+                                                            "data": e.fields.get("data", "")}
                if e.type == "output" else {"state": e.fields.get("state")} if e.type == "state" else None)
 
 
-def alert_stream(web: Web, request: Request) -> StreamingResponse:
-    store = web.client.store
+async def alert_stream(web: Web, request: Request) -> StreamingResponse:
     after = request.headers.get("last-event-id") or request.query_params.get("after", "$")
-    follow = store.events.follow(store.keys.alerts, after, block_ms=STREAM_BLOCK_MS)
-    return sse(follow, lambda e: e.fields)
+    return sse(web, web.client.store.keys.alerts, after, lambda e: e.fields)

@@ -5,11 +5,14 @@ and the bind rule."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import fakeredis
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from fleet.client import FleetClient
@@ -17,7 +20,8 @@ from fleet.errors import UsageError
 from fleet.record import State
 from fleet.settings import FleetSettings
 from fleet.web.app import check_bind, make_app
-from fleet.web.auth import SESSION_COOKIE
+from fleet.web.auth import SESSION_COOKIE, SESSION_S, Operators
+from fleet.web.context import MAX_STREAMS
 
 TOKEN = "a-web-token-of-some-length"
 DONE = "2026-11-30T00:00:00+00:00"
@@ -32,13 +36,23 @@ def settings(tmp_path: Path, token: bool = True) -> FleetSettings:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> FleetClient:
-    return FleetClient(settings(tmp_path), fakeredis.FakeRedis(decode_responses=True))
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
 
 
 @pytest.fixture
-def browser(fleet: FleetClient) -> TestClient:
-    return TestClient(make_app(fleet.settings, fleet), headers={"accept": "text/html"})
+def fleet(tmp_path: Path, server: fakeredis.FakeServer) -> FleetClient:
+    return FleetClient(settings(tmp_path), fakeredis.FakeRedis(server=server, decode_responses=True))
+
+
+def app_of(fleet: FleetClient, server: fakeredis.FakeServer) -> Starlette:
+    return make_app(fleet.settings, fleet, fakeredis.FakeAsyncRedis(server=server, decode_responses=True),
+                    allowed_hosts=["testserver"])
+
+
+@pytest.fixture
+def browser(fleet: FleetClient, server: fakeredis.FakeServer) -> TestClient:
+    return TestClient(app_of(fleet, server), headers={"accept": "text/html"})
 
 
 def queued(fleet: FleetClient, agent: str = "dev") -> str:
@@ -148,10 +162,7 @@ def test_metrics_parse_and_count_what_the_tasks_came_to(fleet: FleetClient, brow
     assert samples[("fleet_queue_depth", (("agent", "dev"),))] == 0
 
 
-def test_healthz_says_whether_redis_answers(tmp_path: Path) -> None:
-    server = fakeredis.FakeServer()
-    fleet = FleetClient(settings(tmp_path), fakeredis.FakeRedis(server=server, decode_responses=True))
-    browser = TestClient(make_app(fleet.settings, fleet))
+def test_healthz_says_whether_redis_answers(browser: TestClient, server: fakeredis.FakeServer) -> None:
     assert browser.get("/healthz").json() == {"status": "ok", "redis": "ok"}
     server.connected = False
     answer = browser.get("/healthz")
@@ -182,3 +193,56 @@ def test_the_hosts_page_shows_a_container_whose_spec_drifted(fleet: FleetClient,
     dev_row, boss_row = (page.split(named[agent])[1].split("<br>")[0] for agent in ("dev", "boss"))
     assert "current" in dev_row and "drifted" not in dev_row
     assert "drifted" in boss_row
+
+
+def test_a_record_under_another_tasks_id_is_no_task_to_show_or_act_on(
+        fleet: FleetClient, browser: TestClient) -> None:
+    """Found in review: a record a submitter wrote under its own key with a
+    victim's id aimed an operator's cancel at the victim, and its page's
+    buttons at any other action (`<id>/../../agents/dev/resume?`)."""
+    victim, mine = queued(fleet), queued(fleet)
+    for forged in (victim, f"{victim}/../../agents/dev/resume?"):
+        fleet.store.redis.hset(fleet.store.keys.task(mine), "id", json.dumps(forged))
+        assert browser.get(f"/tasks/{mine}").status_code == 404
+        cancel = browser.post(f"/tasks/{mine}/cancel", headers={"authorization": f"Bearer {TOKEN}"})
+        assert cancel.status_code == 404
+    assert fleet.status(victim).state == State.QUEUED and not fleet.store.records.finished_before(victim)
+
+
+def test_only_loopback_names_are_answered_and_no_page_may_be_framed(fleet: FleetClient,
+                                                                    server: fakeredis.FakeServer) -> None:
+    app = make_app(fleet.settings, fleet, fakeredis.FakeAsyncRedis(server=server, decode_responses=True))
+    assert TestClient(app, base_url="http://127.0.0.1:8055").get("/tasks").status_code == 200
+    rebound = TestClient(app, base_url="http://attacker.example:8055").get("/tasks")
+    assert rebound.status_code == 400  # a DNS-rebinding page gets nothing
+    answer = TestClient(app, base_url="http://localhost:8055").get("/tasks")
+    assert answer.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+
+
+def test_a_session_lapses(fleet: FleetClient, browser: TestClient) -> None:
+    task_id = queued(fleet)
+    browser.cookies.set(SESSION_COOKIE, Operators(TOKEN).session(now=time.time() - SESSION_S - 1))
+    assert 'id="cancel"' not in browser.get(f"/tasks/{task_id}").text
+    browser.cookies.set(SESSION_COOKIE, Operators(TOKEN).session())
+    assert 'id="cancel"' in browser.get(f"/tasks/{task_id}").text
+
+
+def test_live_streams_are_capped(fleet: FleetClient, server: fakeredis.FakeServer) -> None:
+    app = app_of(fleet, server)
+    browser = TestClient(app)
+    web = app.state.web
+    web.open_streams = MAX_STREAMS
+    assert browser.get("/alerts/stream").status_code == 503
+
+
+def test_a_retried_task_cancelled_before_it_ran_again_adds_no_run_duration(fleet: FleetClient) -> None:
+    """Found in review: its old start made the idle time a run of days."""
+    records = fleet.store.records
+    task_id = queued(fleet)
+    records.transition(task_id, State.RUNNING, started_at="2026-11-30T00:00:00+00:00")
+    records.transition(task_id, State.FAILED, finished_at="2026-11-30T00:00:10+00:00")
+    records.reopen(task_id)
+    records.transition(task_id, State.CANCELLED, finished_at="2026-12-30T00:00:00+00:00")
+    histogram = fleet.store.redis.hgetall(fleet.store.keys.stats_duration("dev"))
+    assert histogram["count"] == "1" and float(histogram["sum"]) == 10
