@@ -5,6 +5,7 @@ filters; piped, one line per change, for scripts and logs."""
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, datetime
 
 from rich.console import Console
@@ -53,7 +54,10 @@ class Watch:
         return [r for r in self.store.records.maybe_many(ids) if r is not None and self.filters.match(r)]
 
     def lines(self, console: Console) -> None:
-        """Piped: a line per change of a task that matches the filters."""
+        """Piped: a line per change of a task that matches the filters
+        (and, first, one on stderr: from here on, nothing is missed)."""
+        print(f"watching fleet {self.client.settings.namespace} (Ctrl-C to stop)", file=sys.stderr,
+              flush=True)
         while True:
             batch = self.changes()
             shown = {r.id for r in self.matching(batch)}

@@ -107,9 +107,9 @@ class TaskRunner:
                     written = self.handle(task_id, None)
                 case Malformed() as malformed:
                     return self.reject_malformed(malformed)
-            if written is not None:
+            if written is not None and written.state not in (State.QUEUED, State.RUNNING):
                 return written
-            try:  # another writer's, or none at all
+            try:  # another writer's, or none at all (or ours went stale: cancelled meanwhile, say)
                 return self.store.records.get(task_id)
             except TaskNotFound:
                 return None

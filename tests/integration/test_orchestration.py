@@ -220,23 +220,24 @@ def test_tasks_filters_combine_and_pages_follow_their_cursor_and_watch_follows_c
         make_fleet: MakeFleet) -> None:
     fleet = make_fleet({"dev": {}, "boss": {}})
     watch = [FLEET, "tasks", "--watch", "--agent", "dev"]
-    watcher = subprocess.Popen(watch, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    watcher = subprocess.Popen(watch, env=fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     terminal, its_side = pty.openpty()  # and one on a terminal: the live table
     table = subprocess.Popen(watch, env={**fleet.env, "TERM": "xterm", "COLUMNS": "200"}, stdin=its_side,
                              stdout=its_side, stderr=its_side)
     os.close(its_side)
     try:
         fleet.start_worker().wait_for_line(" ready.", count=2)
+        assert watcher.stderr is not None and watcher.stdout is not None
+        read_terminal(watcher.stderr.fileno(), lambda text: "watching" in text)  # following from here on
+        read_terminal(terminal, lambda text: "watching" in text)
         client = fleet.client()
         keyed = client.submit("dev", {"echo": "keyed"}, key="build-7")
         ran = [keyed, *(client.submit("dev", {"echo": str(n)}) for n in range(4))]
         other = client.submit("boss", {"echo": "boss"})
         client.wait_many([*ran, other], 60)
-        lines: list[str] = []
-        assert watcher.stdout is not None
-        while sum(" succeeded " in line for line in lines) < len(ran):
-            lines.append(watcher.stdout.readline())
+        piped = read_terminal(watcher.stdout.fileno(), lambda text: all(
+            any(task_id in line and " succeeded " in line for line in text.splitlines()) for task_id in ran))
+        lines = piped.splitlines()
         shown = read_terminal(terminal, lambda text: all(
             any(task_id in line and "succeeded" in line for line in text.splitlines()) for task_id in ran))
     finally:
