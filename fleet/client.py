@@ -23,7 +23,7 @@ from fleet.record import ErrorKind, State, TaskError, TaskRecord, now_iso, paylo
 from fleet.settings import FleetSettings, load_settings
 from fleet.state.completion import Completion
 from fleet.state.control import cancel
-from fleet.state.hosts import HostRegistry
+from fleet.state.hosts import HostRegistry, HostStatus
 from fleet.state.listing import Filters, Page, parse_cursor
 from fleet.state.store import TaskStore
 
@@ -257,9 +257,10 @@ class FleetClient:
                 retried.append(record.id)
         return retried
 
-    def queue_depth(self, agent: str) -> int:
+    def queue_depth(self, agent: str, hosts: list[HostStatus] | None = None) -> int:
         """Messages waiting in the agent's shared queue and its queues pinned
-        to the registered hosts."""
-        hosts = [None, *(h.registration.host_id for h in self.hosts.all())]
-        queues = [queue_name(self.settings.namespace, agent, host) for host in hosts]
+        to the registered hosts (`hosts`, where the caller has read them)."""
+        registered = self.hosts.all() if hosts is None else hosts
+        queues = [queue_name(self.settings.namespace, agent, host)
+                  for host in [None, *(h.registration.host_id for h in registered)]]
         return waiting_messages(self.store.redis, self.store.keys, queues)

@@ -6,7 +6,6 @@ filters; piped, one line per change, for scripts and logs."""
 from __future__ import annotations
 
 import sys
-from datetime import UTC, datetime
 
 from rich.console import Console
 from rich.live import Live
@@ -23,11 +22,7 @@ BLOCK_MS = 2000
 
 def change_line(event: Event) -> str:
     """One change as a line: when, task, agent, state, attempt, error kind."""
-    try:
-        moment = datetime.fromtimestamp(int(event.id.partition("-")[0]) / 1000, UTC)
-        when = moment.strftime("%H:%M:%S.%f")[:-3]
-    except (ValueError, OverflowError, OSError):  # an entry id nobody's clock made
-        when = event.id
+    when = moment.strftime("%H:%M:%S.%f")[:-3] if (moment := event.at) else event.id
     fields = event.fields
     return "  ".join([when, fields.get("task", ""), f"{fields.get('agent', ''):<12}",
                       f"{fields.get('state', ''):<9}", f"attempt {fields.get('attempt', '0')}",
@@ -48,10 +43,10 @@ class Watch:
         """The next changes (empty after a quiet spell)."""
         return next(self._follow)
 
-    def matching(self, batch: list[Event]) -> list[TaskRecord]:
-        """The records of the changed tasks that match the filters."""
+    def changed(self, batch: list[Event]) -> list[TaskRecord]:
+        """The records of the tasks a batch of changes names (those still kept)."""
         ids = list(dict.fromkeys(e.fields.get("task", "") for e in batch if e.fields.get("task")))
-        return [r for r in self.store.records.maybe_many(ids) if r is not None and self.filters.match(r)]
+        return [r for r in self.store.records.maybe_many(ids) if r is not None]
 
     def lines(self, console: Console) -> None:
         """Piped: a line per change of a task that matches the filters
@@ -60,7 +55,7 @@ class Watch:
               flush=True)
         while True:
             batch = self.changes()
-            shown = {r.id for r in self.matching(batch)}
+            shown = {r.id for r in self.changed(batch) if self.filters.match(r)}
             for event in batch:
                 if event.fields.get("task") in shown and self.fits(event):
                     console.print(change_line(event), highlight=False, soft_wrap=True, markup=False)
@@ -77,13 +72,11 @@ class Watch:
                 batch = self.changes()
                 if not batch:
                     continue
-                changed = {r.id: r for r in self.store.records.maybe_many(
-                    list({e.fields.get("task", "") for e in batch})) if r is not None}
-                for task_id, record in changed.items():
+                for record in self.changed(batch):
                     if self.filters.match(record):
-                        shown[task_id] = record
+                        shown[record.id] = record
                     else:
-                        shown.pop(task_id, None)
+                        shown.pop(record.id, None)
                 live.update(self.render(shown), refresh=True)
 
     def render(self, shown: dict[str, TaskRecord]) -> Table:

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -30,6 +31,14 @@ class Event:
     @property
     def type(self) -> str:
         return self.fields.get("type", "")
+
+    @property
+    def at(self) -> datetime | None:
+        """When Redis stored it (its id's milliseconds); None for an id no clock made."""
+        try:
+            return datetime.fromtimestamp(int(self.id.partition("-")[0]) / 1000, UTC)
+        except (ValueError, OverflowError, OSError):
+            return None
 
 
 class EventStreams:

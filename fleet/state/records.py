@@ -33,12 +33,12 @@ from fleet.state.stats import count_change
 CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many (some 25,000 tasks')
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
 
-# Which state each state may move to; anything else is refused.
 # The on_done hooks of a task's end: (agent, the task's own hooks) → hook names.
 OnDoneHooks = Callable[[str, list[str]], list[str]]
 # Signs a new task: (task id, agent, pinned host, payload, created at) → (key id, signature).
 Signer = Callable[[str, str, str | None, dict[str, Any], str], tuple[str, str]]
 
+# Which state each state may move to; anything else is refused.
 TRANSITIONS: dict[State, frozenset[State]] = {
     State.SCHEDULED: frozenset({State.QUEUED, State.CANCELLED}),
     State.QUEUED: frozenset({State.RUNNING, State.RETRYING, State.CANCELLED, State.FAILED}),

@@ -14,8 +14,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from fleet.broker.queues import waiting_messages
-from fleet.broker.routing import queue_name
 from fleet.client import FleetClient
 from fleet.connection import redis_errors
 from fleet.record import FINAL_STATES, State
@@ -99,8 +97,6 @@ class FleetCollector(Collector):
         yield running
         depth = GaugeMetricFamily("fleet_queue_depth", "Messages waiting in the agent's queues.",
                                   labels=["agent"])
-        host_ids = [None, *(h.registration.host_id for h in hosts)]
         for agent in agents:
-            queues = [queue_name(client.settings.namespace, agent, host) for host in host_ids]
-            depth.add_metric([agent], waiting_messages(client.store.redis, client.store.keys, queues))
+            depth.add_metric([agent], client.queue_depth(agent, hosts))
         yield depth

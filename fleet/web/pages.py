@@ -77,7 +77,7 @@ def attempts_of(events: list[Event]) -> list[dict[str, str]]:
         if event.type != "state" or event.fields.get("attempt", "0") == "0":
             continue
         number, state = event.fields["attempt"], event.fields.get("state", "")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(int(event.id.split("-")[0]) / 1000))
+        when = moment.strftime("%Y-%m-%d %H:%M:%S") if (moment := event.at) else event.id
         entry = found.setdefault(number, {"attempt": number, "started": "", "ended": "", "how": ""})
         if state == "running":
             entry["started"] = when
@@ -103,7 +103,7 @@ def agents(web: Web, request: Request) -> Response:
     for name, spec in sorted(client.settings.agents.items()):
         pause = client.breaker.paused(name)
         rows.append({
-            "name": name, "queued": client.queue_depth(name), "max_running": spec.max_running,
+            "name": name, "queued": client.queue_depth(name, hosts), "max_running": spec.max_running,
             "running": sum(h.consumers[name].running for h in hosts if name in h.consumers),
             "slots": {h.registration.host_id: h.registration.slots.get(name, 0) for h in hosts
                       if name in h.registration.agents},

@@ -106,10 +106,11 @@ class Deliverer:
     def wait(self, notices: Any) -> None:
         """Until an end schedules deliveries, the soonest is due, or a
         thread is free again to try one."""
-        soonest = self.deliveries.next_due()
-        wait_s = IDLE_S if soonest is None else min(IDLE_S, max(0.0, soonest - time.time()))
-        if len(self.trying) >= PARALLEL:
-            wait_s = min(wait_s, BUSY_S)
+        if len(self.trying) >= PARALLEL:  # what is due waits for a thread: look again shortly
+            wait_s = BUSY_S  # (not at once: that would spin while every thread tries a slow one)
+        else:
+            soonest = self.deliveries.next_due()
+            wait_s = IDLE_S if soonest is None else min(IDLE_S, max(0.0, soonest - time.time()))
         with redis_errors():
             if wait_s > 0 and notices.get_message(timeout=wait_s) is not None:
                 while notices.get_message(timeout=0) is not None:  # one look serves them all
