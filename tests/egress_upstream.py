@@ -14,8 +14,8 @@ from pathlib import Path
 import docker
 from support import new_namespace
 
-from fleet.cli.standin import auth_sha256, issue_certificate, start_standin
 from fleet.settings import PROXY_IMAGE
+from fleet.standin.upstream import auth_sha256, issue_certificate, start_standin
 
 __all__ = ["Upstream", "auth_sha256", "run_upstream"]
 

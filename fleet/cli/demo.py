@@ -14,17 +14,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker
 import redis
 from rich.console import Console
 from rich.live import Live
 
 from fleet.cli.display import task_table
 from fleet.cli.private_redis import start_private_redis
-from fleet.cli.standin import StandIn, issue_certificate, start_standin
 from fleet.client import FleetClient
 from fleet.container.engine import connect
 from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, build_image
@@ -34,6 +36,7 @@ from fleet.egress.proxy import EgressProxy
 from fleet.errors import ConfigError
 from fleet.record import State
 from fleet.settings import PROXY_IMAGE, FleetSettings, load_settings
+from fleet.standin.upstream import StandIn, issue_certificate, start_standin
 
 DEMO_DIR = Path(".fleet/demo")
 NAMESPACE = "fleet-demo"
@@ -112,45 +115,75 @@ def run_demo(keep: bool, started: float) -> int:
     console = Console()
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     engine = connect()
-    for tag, context in (("fleet-agent:latest", CONTEXT_DIR), (PROXY_IMAGE, PROXY_CONTEXT_DIR)):
-        build_image(engine, tag, context=context, report=lambda line: console.print(f"[dim]{line}[/]"))
+    build_images(engine, console)
     scout_token = secrets.token_hex(16)
     forge_ca = issue_certificate(engine, PROXY_IMAGE, DEMO_DIR / "forge-certs", (FORGE,))
     forge = start_standin(engine, f"{NAMESPACE}-forge", (FORGE,), namespace=NAMESPACE,
                           accept=f"Bearer {scout_token}", certificates=forge_ca.parent)
+    try:
+        with demo_redis(console, keep) as redis_url:
+            settings = use_config(demo_config(redis_url, forge, forge_ca))
+            plant_tokens(settings, scout_token.encode())
+            console.print(f"starting consumers for {', '.join(AGENTS)} (log: {DEMO_DIR / 'worker.log'})")
+            with demo_worker(engine, settings, keep):
+                ok = publish_and_watch(FleetClient(settings), console)
+    finally:
+        if not keep:
+            forge.remove()
+    return finish(console, settings, ok, keep, started)
+
+
+def build_images(engine: docker.DockerClient, console: Console) -> None:
+    for tag, context in (("fleet-agent:latest", CONTEXT_DIR), (PROXY_IMAGE, PROXY_CONTEXT_DIR)):
+        build_image(engine, tag, context=context, report=lambda line: console.print(f"[dim]{line}[/]"))
+
+
+@contextmanager
+def demo_redis(console: Console, keep: bool) -> Iterator[str]:
+    """The Redis the caller's config names if it answers, else a private one."""
     redis_process = None
     redis_url = base_redis_url()
     if not redis_answers(redis_url):
         redis_process, redis_url = start_private_redis(DEMO_DIR / "redis")
         console.print(f"[dim]started a private redis-server at {redis_url} (data in {DEMO_DIR / 'redis'})[/]")
-    config = demo_config(redis_url, forge, forge_ca)
-    # The demo is its own world: its config, not the caller's FLEET_* overrides.
+    try:
+        yield redis_url
+    finally:
+        if redis_process is not None and not keep:
+            redis_process.terminate()
+            redis_process.wait(timeout=30)
+
+
+def use_config(config: Path) -> FleetSettings:
+    """The demo is its own world: its config, not the caller's FLEET_* overrides."""
     for name in [n for n in os.environ if n.startswith("FLEET_")]:
         del os.environ[name]
     os.environ["FLEET_CONFIG"] = str(config)
-    settings = load_settings()
-    plant_tokens(settings, scout_token.encode())
-    log_path = DEMO_DIR / "worker.log"
-    console.print(f"starting consumers for {', '.join(AGENTS)} (log: {log_path})")
-    with log_path.open("w") as log:
+    return load_settings()
+
+
+@contextmanager
+def demo_worker(engine: docker.DockerClient, settings: FleetSettings, keep: bool) -> Iterator[None]:
+    """`fleet worker` for every agent of the config, logging to worker.log;
+    stopped (and its containers and proxy removed unless `keep`) after."""
+    with (DEMO_DIR / "worker.log").open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "fleet.cli", "worker"], stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        ok = publish_and_watch(FleetClient(settings), console)
+        yield
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=120)
         if not keep:
             ContainerManager(engine, settings.model_copy(update={"agents": {}})).remove_orphans()
             EgressProxy(engine, settings).remove()
-            forge.remove()
-        if redis_process is not None and not keep:
-            redis_process.terminate()
-            redis_process.wait(timeout=30)
-    console.print(f"records: Redis at {redis_url}, keys {NAMESPACE}:task:<id> "
+
+
+def finish(console: Console, settings: FleetSettings, ok: bool, keep: bool, started: float) -> int:
+    console.print(f"records: Redis at {settings.redis_url}, keys {settings.namespace}:task:<id> "
                   f"(kept {settings.retention_s // 86400} days)")
     if keep:
-        console.print(f"inspect them: FLEET_CONFIG={config} fleet tasks")
+        console.print(f"inspect them: FLEET_CONFIG={os.environ['FLEET_CONFIG']} fleet tasks")
     console.print(f"demo took {time.monotonic() - started:.1f} s; "
                   f"{'every task ended as expected' if ok else 'SOME TASKS DID NOT END AS EXPECTED'}")
     return 0 if ok else 1

@@ -43,17 +43,37 @@ def image() -> None:
 @image.command("build")
 @click.option("--tag", default="fleet-agent:latest", show_default=True)
 @click.option("--proxy-tag", default=PROXY_IMAGE, show_default=True)
+@click.option("--recipe", "recipes", multiple=True, metavar="NAME",
+              help="Also build a real agent CLI's image, fleet-NAME:latest (see `fleet image recipes`).")
 @click.option("--force", is_flag=True, help="Rebuild even if the image is current.")
 @click.option("--base", default=None, help="Base image (default: registry base, else debootstrap).")
-def image_build(tag: str, proxy_tag: str, force: bool, base: str | None) -> None:
-    """Build the agent image and the egress proxy's if missing or out of date."""
+def image_build(tag: str, proxy_tag: str, recipes: tuple[str, ...], force: bool, base: str | None) -> None:
+    """Build the agent image and the egress proxy's (and recipes') if missing or out of date."""
     from fleet.container.engine import connect
     from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, build_image
+    from fleet.container.recipes import build_recipe, recipe_names
 
+    unknown = sorted(set(recipes) - set(recipe_names()))
+    if unknown:
+        raise UsageError(f"--recipe {unknown[0]!r}: no such recipe (there are: {', '.join(recipe_names())})")
     client = connect(timeout=1800)
+
+    def report(line: str) -> None:
+        click.echo(f"[image] {line}")
+
     for name, context in ((tag, CONTEXT_DIR), (proxy_tag, PROXY_CONTEXT_DIR)):
-        build_image(client, name, force=force, base=base, context=context,
-                    report=lambda line: click.echo(f"[image] {line}"))
+        build_image(client, name, force=force, base=base, context=context, report=report)
+    for recipe in recipes:
+        build_recipe(client, recipe, report=report, force=force, agent_image=tag, base=base)
+
+
+@image.command("recipes")
+def image_recipes() -> None:
+    """The real agent CLIs fleet can build images for."""
+    from fleet.container.recipes import recipe_names, recipe_tag
+
+    for name in recipe_names():
+        click.echo(f"{name}\t{recipe_tag(name)}")
 
 
 @click.command()
@@ -122,11 +142,17 @@ def doctor(ctx: Context) -> None:
 
 @click.command()
 @click.option("--keep", is_flag=True, help="Leave the demo's Redis, workers and containers up.")
-def demo(keep: bool) -> None:
+@click.option("--real-agent", is_flag=True,
+              help="Run Claude Code as dev (builds the claude-code recipe; a stand-in model API and forge).")
+def demo(keep: bool, real_agent: bool) -> None:
     """A tour: brings up what is missing, runs boss/dev/reviewer, shows tasks flowing."""
+    started = time.monotonic()
+    if real_agent:
+        from fleet.cli.demo_real_agent import run_real_agent_demo
+
+        sys.exit(run_real_agent_demo(keep=keep, started=started))
     from fleet.cli.demo import run_demo
 
-    started = time.monotonic()
     sys.exit(run_demo(keep=keep, started=started))
 
 

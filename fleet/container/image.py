@@ -26,6 +26,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from fleet.container.downloads import add_downloads
 from fleet.container.engine import engine_errors
 from fleet.errors import ImageError
 
@@ -64,7 +65,16 @@ def image_is_current(client: docker.DockerClient, tag: str, context: Path = CONT
     except docker.errors.ImageNotFound:
         return False
     labels = image.labels or {}
-    return labels.get(CONTEXT_LABEL) == context_hash(context)
+    return labels.get(CONTEXT_LABEL) == context_hash(context) and base_is_current(client, labels)
+
+
+def base_is_current(client: docker.DockerClient, labels: dict[str, str]) -> bool:
+    """The image was built on the base that carries its base's tag now (a
+    recipe's base is fleet's agent image, rebuilt when its context changes)."""
+    base = labels.get("fleet.base")
+    if not base or not has_image(client, base):
+        return True
+    return str(client.images.get(base).id) == labels.get("fleet.base-id")
 
 
 def has_image(client: docker.DockerClient, tag: str) -> bool:
@@ -143,6 +153,7 @@ def build_image(
         shutil.copytree(context, build_dir, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         if (build_dir / "requirements.txt").is_file():
             download_wheels(build_dir / "requirements.txt", build_dir / "wheels", report, tag)
+        add_downloads(build_dir, report)
         try:
             client.images.build(
                 path=str(build_dir),

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"fleet.connection"},
     {"fleet.state"},
     {"fleet.credentials"},
-    {"fleet.container", "fleet.broker", "fleet.egress"},
+    {"fleet.container", "fleet.broker", "fleet.egress", "fleet.standin"},
     {"fleet.forwarding"},
     {"fleet.worker"},
     {"fleet.client", "fleet.async_client"},

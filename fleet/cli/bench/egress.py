@@ -18,12 +18,12 @@ import docker
 import docker.errors
 from docker.types import Mount
 
-from fleet.cli.standin import AGENT_IMAGE, issue_certificate, start_standin
 from fleet.container.manager import ContainerManager
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.egress.proxy import EgressProxy
 from fleet.errors import FleetError
 from fleet.settings import PROXY_IMAGE, FleetSettings
+from fleet.standin.upstream import AGENT_IMAGE, issue_certificate, start_standin
 
 NAMESPACE = "bench-egress"
 UPSTREAM = "bench.upstream"

@@ -129,14 +129,64 @@ class StandIn:
     net: Network
 
     def remove(self) -> None:
+        remove_standins([self.container], self.net)
+
+
+def remove_standins(containers: list[Container], net: Network) -> None:
+    """The stand-ins' containers, and their network with whatever else is
+    still attached to it (the proxy, if it is still up)."""
+    for container in containers:
         with suppress(docker.errors.NotFound):
-            self.container.remove(force=True)
+            container.remove(force=True)
+    with suppress(docker.errors.NotFound):
+        net.reload()
+        for attached in net.containers:
+            with suppress(docker.errors.APIError):
+                net.disconnect(attached, force=True)
+        net.remove()
+
+
+def fresh_network(client: docker.DockerClient, name: str, namespace: str) -> Network:
+    """An internal network `name` (no route out), made anew: a stale one
+    is removed with whatever is still attached to it."""
+    for stale in client.networks.list(names=[name]):
+        remove_standins([], stale)
+    return client.networks.create(name, internal=True, labels={LABEL_NAMESPACE: namespace})
+
+
+def start_server(client: docker.DockerClient, net: Network, name: str, names: tuple[str, ...], *,
+                 image: str, command: list[str], namespace: str, mounts: list[Mount],
+                 environment: dict[str, str], tmpfs: dict[str, str] | None = None) -> tuple[Container, str]:
+    """A stand-in server `name` on `net`, answering to `names` there (and
+    only there), as root with no capability but binding low ports, on a
+    read-only root. Returns it and its address once it prints `ready`."""
+    network = str(net.name)
+    for stale in client.containers.list(all=True, filters={"name": f"^{name}$"}):
+        stale.remove(force=True)
+    container = client.containers.create(
+        image, command, name=name, user="0:0", labels={LABEL_NAMESPACE: namespace}, network=network,
+        cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"], read_only=True, mounts=mounts, tmpfs=tmpfs or {},
+        environment=environment)
+    try:
+        net.disconnect(container)
+        net.connect(container, aliases=list(names))
+        container.start()
+        for line in container.logs(stream=True, follow=True):  # until it listens
+            if b"ready" in line:
+                break
+        container.reload()
+        if container.status != "running":
+            tail = container.logs(tail=5).decode(errors="replace").strip()
+            raise RuntimeError(f"stand-in {name} did not start: {tail}")
+        return container, str(container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"])
+    except BaseException:
         with suppress(docker.errors.NotFound):
-            self.net.reload()
-            for attached in self.net.containers:  # the proxy, if it is still up
-                with suppress(docker.errors.APIError):
-                    self.net.disconnect(attached, force=True)
-            self.net.remove()
+            container.remove(force=True)
+        raise
+
+
+def certificate_mount(certificates: Path) -> Mount:
+    return Mount(target="/certs", source=str(certificates.resolve()), type="bind", read_only=True)
 
 
 def start_standin(client: docker.DockerClient, name: str, names: tuple[str, ...], *,
@@ -144,29 +194,13 @@ def start_standin(client: docker.DockerClient, name: str, names: tuple[str, ...]
     """The stand-in named `name`, answering to `names` on its network (HTTP,
     and HTTPS with `certificates/upstream.pem`); `accept` is the
     Authorization value /check lets in. Returns once it listens."""
-    labels = {LABEL_NAMESPACE: namespace}
-    for stale in client.containers.list(all=True, filters={"name": f"^{name}$"}):
-        stale.remove(force=True)
-    for network in client.networks.list(names=[name]):
-        network.remove()
-    net = client.networks.create(name, internal=True, labels=labels)
-    mounts = [Mount(target="/certs", source=str(certificates.resolve()), type="bind", read_only=True)] \
-        if certificates else []
-    container = client.containers.create(
-        AGENT_IMAGE, ["python3", "-c", STANDIN_SCRIPT], name=name, user="0:0", labels=labels, network=name,
-        cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE"], read_only=True, mounts=mounts,
-        environment={"ACCEPT_SHA256": auth_sha256(accept) if accept else ""})
-    net.disconnect(container)
-    net.connect(container, aliases=list(names))  # the names resolve on its network, and only there
-    container.start()
-    standin = StandIn(name, "", container, net)
+    net = fresh_network(client, name, namespace)
     try:
-        for line in container.logs(stream=True, follow=True):  # until it listens
-            if b"ready" in line:
-                break
-        container.reload()
-        standin.address = str(container.attrs["NetworkSettings"]["Networks"][name]["IPAddress"])
+        container, address = start_server(
+            client, net, name, names, image=AGENT_IMAGE, command=["python3", "-c", STANDIN_SCRIPT],
+            namespace=namespace, mounts=[certificate_mount(certificates)] if certificates else [],
+            environment={"ACCEPT_SHA256": auth_sha256(accept) if accept else ""})
     except BaseException:
-        standin.remove()
+        remove_standins([], net)
         raise
-    return standin
+    return StandIn(name, address, container, net)

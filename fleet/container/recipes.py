@@ -1,0 +1,40 @@
+"""Recipes: images for real agent CLIs, each a build context under
+`fleet/inside/recipes/<name>/` built on fleet's agent image (its non-root
+users, no setuid files, the idle command). A recipe's `downloads.json`
+pins what the host downloads into its context (fleet/container/downloads.py);
+its README says what the CLI needs writable, how a task's settings reach
+it and how its exit maps onto the job protocol."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+
+from fleet.container.image import CONTEXT_DIR, INSIDE, Report, build_image
+
+RECIPES_DIR = INSIDE / "recipes"
+AGENT_IMAGE = "fleet-agent:latest"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name for p in RECIPES_DIR.iterdir() if (p / "Dockerfile").is_file())
+
+
+def recipe_tag(name: str) -> str:
+    """The image a recipe builds: `fleet-<name>:latest`."""
+    return f"fleet-{name}:latest"
+
+
+def recipe_context(name: str) -> Path:
+    return RECIPES_DIR / name
+
+
+def build_recipe(client: docker.DockerClient, name: str, *, report: Report, force: bool = False,
+                 agent_image: str = AGENT_IMAGE, base: str | None = None) -> str:
+    """Build the recipe's image (and the agent image it builds on, if that
+    is missing or out of date). Returns the recipe's tag."""
+    build_image(client, agent_image, report=report, base=base, context=CONTEXT_DIR)
+    tag = recipe_tag(name)
+    build_image(client, tag, report=report, force=force, base=agent_image, context=recipe_context(name))
+    return tag

@@ -1,0 +1,111 @@
+"""fleet-claude, the claude-code recipe's job-protocol adapter, run as it is
+installed (beside `claude` and `fleet-git-credential`) with a stand-in
+`claude` that prints what Claude Code prints in each case: its exit maps
+onto fleet's codes, and a forge's refusal reaches it through git's
+credential helper."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[2] / "fleet" / "inside" / "recipes" / "claude-code"
+
+
+def result_event(**fields: Any) -> str:
+    return json.dumps({"type": "result", "subtype": "success", "is_error": False, "result": "done",
+                       "num_turns": 2, "total_cost_usd": 0.01, "duration_ms": 5, "session_id": "s1",
+                       "api_error_status": None, **fields})
+
+
+def install(tmp_path: Path, claude_script: str) -> Path:
+    """The recipe's files as the image installs them, with `claude_script`
+    (shell) as claude; returns the wrapper."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(RECIPE / "fleet_claude.py", bin_dir / "fleet-claude")
+    shutil.copy(RECIPE / "fleet_git_credential.py", bin_dir / "fleet-git-credential")
+    (bin_dir / "claude").write_text("#!/bin/sh\n" + claude_script)
+    for name in ("fleet-claude", "fleet-git-credential", "claude"):
+        (bin_dir / name).chmod(0o755)
+    return bin_dir / "fleet-claude"
+
+
+def run(tmp_path: Path, claude_script: str, payload: Any = None,
+        *args: str) -> subprocess.CompletedProcess[str]:
+    wrapper = install(tmp_path, claude_script)
+    home, tokens = tmp_path / "home", tmp_path / "tokens"
+    home.mkdir()
+    tokens.mkdir()
+    (tokens / "anthropic").write_text("fleet-placeholder\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "FLEET_TOKEN_DIR": str(tokens),
+           "FLEET_TASK_ID": "t1", "FLEET_ATTEMPT": "1", "FLEET_AGENT": "dev"}
+    data = payload if isinstance(payload, str) else json.dumps(payload or {"task": "do it"})
+    return subprocess.run([sys.executable, str(wrapper), *args], input=data, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_a_finished_task_ends_0_with_the_final_message_as_its_result(tmp_path: Path) -> None:
+    events = [{"type": "system", "subtype": "init", "session_id": "s1", "model": "m"},
+              {"type": "assistant", "message": {"content": [
+                  {"type": "tool_use", "name": "Bash", "input": {"command": "git push"}}]}}]
+    script = "".join(f"echo '{json.dumps(e)}'\n" for e in events)
+    # It sees its own placeholder key and a per-task config directory, and its argv.
+    script += 'echo "key=$ANTHROPIC_API_KEY config=$CLAUDE_CONFIG_DIR args=$*" >&2\n'
+    script += f"echo '{result_event(result='Pushed branch b1.')}'\n"
+    done = run(tmp_path, script)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "claude: [Bash] git push" in lines
+    result = json.loads(lines[-1])
+    assert (result["result"], result["turns"], result["session_id"]) == ("Pushed branch b1.", 2, "s1")
+    assert "key=fleet-placeholder config=" in done.stderr and "/fleet-tasks/t1-1/claude" in done.stderr
+    assert "--dangerously-skip-permissions" in done.stderr and "--max-turns 30" in done.stderr
+    assert list((tmp_path / "home" / "fleet-tasks").iterdir()) == []  # nothing of the task is left
+
+
+@pytest.mark.parametrize(("status", "code", "token"), [
+    (401, 77, "anthropic"), (403, 77, "anthropic"), (529, 75, None), (429, 75, None), (400, 1, None)])
+def test_an_api_error_maps_onto_the_job_protocol(tmp_path: Path, status: int, code: int,
+                                                 token: str | None) -> None:
+    script = f"echo '{result_event(is_error=True, api_error_status=status, result='API Error')}'\nexit 1\n"
+    done = run(tmp_path, script)
+    assert done.returncode == code
+    last = done.stderr.strip().splitlines()[-1]
+    assert (last == f"fleet: credential-failure token={token}") if token else "credential" not in last
+
+
+def test_no_connection_to_the_api_is_transient(tmp_path: Path) -> None:
+    refused = result_event(is_error=True, result="Connection refused", terminal_reason="api_error")
+    script = f"echo '{refused}'\nexit 1\n"
+    assert run(tmp_path, script).returncode == 75
+
+
+def test_a_forge_refusing_git_is_a_credential_failure_of_the_git_token(tmp_path: Path) -> None:
+    """git asks its credential helper only after a forge refused it: the
+    helper notes it and gives git nothing, and the task ends 77."""
+    script = ("printf 'protocol=https\\nhost=forge.test\\n\\n' | git credential fill >/dev/null 2>&1\n"
+              f"echo '{result_event(result='I could not push.')}'\n")
+    done = run(tmp_path, script, None, "--git-token", "forge")
+    assert done.returncode == 77, done.stderr
+    assert done.stderr.strip().splitlines()[-2:] == ["fleet-claude: forge.test refused git's credential",
+                                                     "fleet: credential-failure token=forge"]
+
+
+def test_claude_ending_without_a_result_fails(tmp_path: Path) -> None:
+    assert run(tmp_path, "exit 3\n").returncode == 1
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    ("not json", "the payload is not JSON"), ({"task": ""}, '"task": a non-empty string'),
+    ([1], '"task": a non-empty string'), ({"task": "x", "max_turns": 0}, '"max_turns" must be')])
+def test_a_bad_payload_exits_2_naming_what_is_wrong(tmp_path: Path, payload: Any, message: str) -> None:
+    done = run(tmp_path, "exit 0\n", payload)
+    assert done.returncode == 2
+    assert message in done.stderr
