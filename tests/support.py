@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -172,27 +171,10 @@ class Worker:
 
 
 def write_config(path: Path, settings: dict[str, Any]) -> None:
-    """A minimal TOML writer for the test configs (flat values and [agents.X] tables)."""
-    lines = []
-    for key, value in settings.items():
-        if key != "agents":
-            lines.append(f"{key} = {toml_value(value)}")
-    for agent, spec in settings.get("agents", {}).items():
-        lines.append(f"\n[agents.{agent}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in spec.items()]
-    path.write_text("\n".join(lines) + "\n")
+    from fleet.config_writer import config_text
 
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):  # an inline table
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return str(value)
+    top = {key: value for key, value in settings.items() if key != "agents"}
+    path.write_text(config_text(top, settings.get("agents", {})))
 
 
 MakeFleet = Callable[..., Fleet]

@@ -9,7 +9,6 @@ submit → push, and the CLI's memory."""
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 
 from fleet.cli.demo import DEMO_DIR, NAMESPACE, build_images, demo_redis, demo_worker, finish, use_config
 from fleet.client import FleetClient
+from fleet.config_writer import config_text
 from fleet.container.engine import connect
 from fleet.container.recipes import build_recipe
 from fleet.credentials.tokens import TokenStore
@@ -45,22 +45,11 @@ def write_config(path_name: str, redis_url: str, world: RealAgentWorld, image: s
     agent = {**claude_code_agent(image), "credential_retries": 3, "credential_backoff_s": 2,
              "transient_backoff_s": 1}
     top = {"redis_url": redis_url, "namespace": f"{NAMESPACE}-real",
-           "secrets_dir": str((DEMO_DIR / "real-secrets").resolve()),
-           "egress_dir": str((DEMO_DIR / "real-egress").resolve()), **egress_settings(world)}
-    lines = [f"{key} = {toml(value)}" for key, value in top.items()]
-    lines += [f"[agents.{AGENT}]", *(f"{key} = {toml(value)}" for key, value in agent.items())]
+           "secrets_dir": (DEMO_DIR / "real-secrets").resolve(),
+           "egress_dir": (DEMO_DIR / "real-egress").resolve(), **egress_settings(world)}
     path = DEMO_DIR / path_name
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(config_text(top, {AGENT: agent}))
     return path.resolve()
-
-
-def toml(value: object) -> str:
-    """A TOML value for the demo's config (strings, numbers, lists, tables)."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml(v) for v in value) + "]"
-    return json.dumps(value)
 
 
 def run_real_agent_demo(keep: bool, started: float) -> int:

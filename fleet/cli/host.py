@@ -157,7 +157,7 @@ def demo(keep: bool, real_agent: bool) -> None:
 
 
 # fleet.cli.bench.run.PARTS, without importing it
-BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics")
+BENCH_PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics", "real-agent")
 
 
 @click.command()

@@ -25,7 +25,7 @@ def test_cli_offers_every_part() -> None:
 def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.DockerClient) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     done = subprocess.run([FLEET, "bench", "--tasks", "2", "--skip", "hundred", "--json"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=240, check=False)
+                          env=env, capture_output=True, text=True, timeout=420, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     report = json.loads(done.stdout)
 
@@ -68,6 +68,14 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
     assert metrics["tasks"] == 400 and metrics["empty_p50_ms"] > 0
     assert 0 < metrics["p50_ms"] <= metrics["p95_ms"]
     assert metrics["ratio"] == pytest.approx(metrics["p50_ms"] / metrics["empty_p50_ms"])
+
+    real = report["real-agent"]
+    assert real["tasks"] == 3 and real["image_mb"] > 0
+    for row in (real["claude_code"], real["git_alone"]):
+        assert 0 < row["push_p50_ms"] <= row["push_max_ms"] and row["done_p50_ms"] > row["push_p50_ms"]
+    assert real["claude_code"]["max_rss_mb"] > 0 and "max_rss_mb" not in real["git_alone"]
+    assert real["push_ratio"] == pytest.approx(real["claude_code"]["push_p50_ms"]
+                                               / real["git_alone"]["push_p50_ms"])
 
     assert "hundred" not in report
     goals = {goal["goal"]: goal["met"] for goal in report["goals"]}

@@ -13,7 +13,8 @@ MAX_LINES = 400
 # Lowest first. A module may import its own layer and the layers below it.
 LAYERS: list[set[str]] = [
     {"fleet.version", "fleet.errors", "fleet.states"},
-    {"fleet.settings", "fleet.record", "fleet.egress_config", "fleet.on_done_config", "fleet.redis_url"},
+    {"fleet.settings", "fleet.record", "fleet.egress_config", "fleet.on_done_config", "fleet.redis_url",
+     "fleet.config_writer"},
     {"fleet.connection"},
     {"fleet.state"},
     {"fleet.credentials"},

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from fleet.cli.bench.measure import log_tail, stop_process
+from fleet.config_writer import config_text
 from fleet.errors import FleetError
 from fleet.record import State, TaskRecord
 
@@ -31,20 +31,20 @@ class BenchFleet:
     `cat`, one `fleet worker`; on leaving, the worker is stopped and the
     namespace's containers and volumes are removed."""
 
-    def __init__(self, bench: Workspace, namespace: str, agents: dict[str, int],
-                 forwarding: str = "channel") -> None:
+    def __init__(self, bench: Workspace, namespace: str, agents: dict[str, int | dict[str, Any]],
+                 forwarding: str = "channel", top: dict[str, Any] | None = None) -> None:
+        """`agents`: name → slots of a `cat` agent, or the agent's whole table."""
         from fleet.client import FleetClient
         from fleet.settings import load_settings
 
         self.bench = bench
         self.namespace = namespace
         config = bench.scratch / f"{namespace}.toml"
-        lines = [f"redis_url = {json.dumps(bench.redis_url)}", f"namespace = {json.dumps(namespace)}",
-                 'host_id = "bench"', f"forwarding = {json.dumps(forwarding)}",
-                 f"secrets_dir = {json.dumps(str(bench.scratch / 'secrets'))}"]
-        for agent, slots in agents.items():
-            lines += [f"[agents.{agent}]", 'command = ["cat"]', f"concurrency = {slots}"]
-        config.write_text("\n".join(lines) + "\n")
+        settings = {"redis_url": bench.redis_url, "namespace": namespace, "host_id": "bench",
+                    "forwarding": forwarding, "secrets_dir": bench.scratch / "secrets", **(top or {})}
+        config.write_text(config_text(settings, {
+            agent: spec if isinstance(spec, dict) else {"command": ["cat"], "concurrency": spec}
+            for agent, spec in agents.items()}))
         os.environ["FLEET_CONFIG"] = str(config)
         self.settings = load_settings()
         self.client = FleetClient(self.settings)

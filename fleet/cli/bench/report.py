@@ -125,6 +125,18 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         table.add_row("proxy / direct", f"{e['fresh_ratio']:.2f} x", f"{e['kept_ratio']:.2f} x",
                       f"{e['rate_ratio']:.2f} x")
         console.print(table)
+    if "real-agent" in report:
+        r = report["real-agent"]
+        table = Table(title=f"clone, commit, push: {r['tasks']} tasks each, one at a time "
+                            f"({r['image']}, {r['image_mb']:.0f} MB)")
+        for column in ("", "submit → push p50 ms", "max ms", "submit → succeeded p50 ms", "largest RSS"):
+            table.add_column(column, justify="right" if column else "left")
+        for name, row in (("Claude Code (stand-in model)", r["claude_code"]), ("git alone", r["git_alone"])):
+            memory = f"{row['max_rss_mb']} MB" if "max_rss_mb" in row else ""
+            table.add_row(name, f"{row['push_p50_ms']:.0f}", f"{row['push_max_ms']:.0f}",
+                          f"{row['done_p50_ms']:.0f}", memory)
+        table.add_row("Claude Code / git alone", f"{r['push_ratio']:.1f} x", "", "", "")
+        console.print(table)
     if "metrics" in report:
         m = report["metrics"]
         console.print(f"/metrics ({m['bytes']:,} bytes), {m['scrapes']} scrapes: {m['p50_ms']:.1f} ms p50, "

@@ -15,6 +15,9 @@
               directly (bench/egress.py)
   metrics     a scrape of /metrics with 200 x N tasks in Redis (10,000 at the default N)
               against an empty fleet's (bench/metrics.py)
+  real-agent  Claude Code cloning, committing and pushing to a stand-in forge through the
+              proxy, against the same job in plain git commands (bench/real_agent.py; builds
+              the claude-code recipe; N/10 tasks each, at least 3)
 
 The job is trivial on purpose (`cat` echoes the payload, which becomes the
 result), so the figures are fleet's own overhead. Everything the benchmark
@@ -59,7 +62,7 @@ from fleet.cli.bench.report import goals, print_report, roundtrip_figures
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.errors import FleetError
 
-PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics")
+PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics", "real-agent")
 IMAGE = "fleet-agent:latest"
 HUNDRED = 100
 
@@ -303,6 +306,10 @@ def run_bench(tasks: int, parts: Sequence[str], as_json: bool) -> int:
                 from fleet.cli.bench.metrics import metrics_scrape
 
                 report["metrics"] = metrics_scrape(redis_url, tasks, bench.say)
+            if "real-agent" in parts:
+                from fleet.cli.bench.real_agent import real_agent_costs
+
+                report["real-agent"] = real_agent_costs(engine, bench, max(3, tasks // 10), bench.say)
         finally:
             redis_process.terminate()
             redis_process.wait(timeout=30)

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/python3 -I
 """fleet-claude: runs one fleet task with Claude Code inside the agent's
 container, and speaks fleet's job protocol for it.
 

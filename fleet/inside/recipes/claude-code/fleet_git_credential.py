@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/python3 -I
 """fleet-git-credential: git's credential helper in an agent's container.
 
 git asks a helper for a credential only when a forge refused the request
