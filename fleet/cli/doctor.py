@@ -14,9 +14,10 @@ from typing import Any
 import docker
 
 from fleet.container.engine import connect
-from fleet.container.image import CONTEXT_DIR, PROXY_CONTEXT_DIR, image_is_current
+from fleet.container.image import INSIDE, image_is_current
+from fleet.container.recipes import build_command, build_context
 from fleet.errors import EngineError, StateStoreError
-from fleet.settings import PROXY_IMAGE, FleetSettings
+from fleet.settings import FleetSettings
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,13 @@ def check_images(client: docker.DockerClient | None, images: list[str]) -> list[
         try:
             client.images.get(tag)
         except docker.errors.ImageNotFound:
-            checks.append(Check("image", False, f"{tag} is missing", "run `fleet image build`"))
+            checks.append(Check("image", False, f"{tag} is missing", f"run `{build_command(tag)}`"))
             continue
-        context = {"fleet-agent:latest": CONTEXT_DIR, PROXY_IMAGE: PROXY_CONTEXT_DIR}.get(tag)
+        context = build_context(tag)
         if context is not None and not image_is_current(client, tag, context):
-            checks.append(Check("image", False, f"{tag} is older than its build context "
-                                f"(fleet/inside/{context.name})", "run `fleet image build`"))
+            where = context.relative_to(INSIDE.parent).as_posix()
+            checks.append(Check("image", False, f"{tag} is older than its build context (fleet/{where})",
+                                f"run `{build_command(tag)}`"))
             continue
         checks.append(Check("image", True, f"{tag} is present"))
     return checks

@@ -12,7 +12,6 @@ import json
 import platform
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -37,8 +36,9 @@ class Download:
 
     @property
     def cached(self) -> Path:
+        """The tarball, as downloaded: checked again each time it is used."""
         digest = base64.b64decode(self.integrity.removeprefix("sha512-")).hex()[:32]
-        return CACHE / digest / self.file
+        return CACHE / digest / "download.tgz"
 
 
 def planned(context: Path, machine: str | None = None) -> list[Download]:
@@ -59,47 +59,54 @@ def planned(context: Path, machine: str | None = None) -> list[Download]:
     return found
 
 
+def integrity_of(path: Path) -> str:
+    digest = hashlib.sha512()
+    with path.open("rb") as data:
+        while chunk := data.read(CHUNK):
+            digest.update(chunk)
+    return "sha512-" + base64.b64encode(digest.digest()).decode()
+
+
 def fetch(download: Download, report: Report) -> Path:
-    """The file, from the cache or downloaded, its tarball checked first."""
-    if download.cached.is_file():
+    """The tarball, checked against the pinned integrity: from the cache if
+    what is there still is what was pinned, else downloaded again."""
+    if download.cached.is_file() and integrity_of(download.cached) == download.integrity:
         return download.cached
     report(f"downloading {download.url}")
     download.cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=download.cached.parent) as scratch:
-        tarball = Path(scratch) / "download.tgz"
-        digest = hashlib.sha512()
-        try:
-            with urllib.request.urlopen(download.url, timeout=60) as answer, tarball.open("wb") as out:
-                while chunk := answer.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-        except (urllib.error.URLError, OSError) as error:
-            raise ImageError(f"downloading {download.url} failed: {error}") from None
-        got = "sha512-" + base64.b64encode(digest.digest()).decode()
-        if got != download.integrity:
-            raise ImageError(f"{download.url} is not what the recipe pins: integrity {got}, "
-                             f"expected {download.integrity}")
-        with tarfile.open(tarball) as archive:
-            try:
-                member = archive.getmember(download.member)
-            except KeyError:
-                raise ImageError(f"{download.url} has no {download.member}") from None
-            source = archive.extractfile(member)
-            if source is None:
-                raise ImageError(f"{download.url}: {download.member} is not a file")
-            partial = Path(scratch) / download.file
-            with source, partial.open("wb") as out:
-                shutil.copyfileobj(source, out, CHUNK)
-        partial.chmod(0o755)
-        partial.replace(download.cached)  # whole or not at all
+    partial = download.cached.with_suffix(".partial")
+    try:
+        with urllib.request.urlopen(download.url, timeout=60) as answer, partial.open("wb") as out:
+            shutil.copyfileobj(answer, out, CHUNK)
+    except (urllib.error.URLError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        raise ImageError(f"downloading {download.url} failed: {error}") from None
+    got = integrity_of(partial)
+    if got != download.integrity:
+        partial.unlink()
+        raise ImageError(f"{download.url} is not what the recipe pins: integrity {got}, "
+                         f"expected {download.integrity}")
+    partial.replace(download.cached)
     return download.cached
 
 
-def add_downloads(build_dir: Path, report: Report) -> None:
-    """Put each of the build context's pinned downloads into it."""
-    for download in planned(build_dir):
-        cached, target = fetch(download, report), build_dir / download.file
+def extract(download: Download, tarball: Path, into: Path) -> None:
+    """The download's one member, a regular file, into `into` as an executable."""
+    with tarfile.open(tarball) as archive:
         try:
-            target.hardlink_to(cached)  # no copy of a large binary where the cache is on the same disk
-        except OSError:
-            shutil.copy2(cached, target)
+            member = archive.getmember(download.member)
+        except KeyError:
+            raise ImageError(f"{download.url} has no {download.member}") from None
+        source = archive.extractfile(member) if member.isfile() else None
+        if source is None:
+            raise ImageError(f"{download.url}: {download.member} is not a regular file")
+        target = into / download.file
+        with source, target.open("wb") as out:
+            shutil.copyfileobj(source, out, CHUNK)
+        target.chmod(0o755)
+
+
+def add_downloads(build_dir: Path, report: Report) -> None:
+    """Put each of the build context's pinned downloads into it, checked."""
+    for download in planned(build_dir):
+        extract(download, fetch(download, report), build_dir)

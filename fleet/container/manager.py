@@ -161,7 +161,9 @@ class ContainerManager:
         try:
             return str(self.client.images.get(tag).id)
         except docker.errors.ImageNotFound:
-            raise EngineError(f"image {tag} is missing: run `fleet image build`") from None
+            from fleet.container.recipes import build_command
+
+            raise EngineError(f"image {tag} is missing: run `{build_command(tag)}`") from None
 
     def recreate(self, spec: ContainerSpec, old: Container | None, reason: str) -> Container | None:
         """Replace `old` (if any) with a container made from `spec`. None if

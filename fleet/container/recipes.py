@@ -11,7 +11,8 @@ from pathlib import Path
 
 import docker
 
-from fleet.container.image import CONTEXT_DIR, INSIDE, Report, build_image
+from fleet.container.image import CONTEXT_DIR, INSIDE, PROXY_CONTEXT_DIR, Report, build_image
+from fleet.settings import PROXY_IMAGE
 
 RECIPES_DIR = INSIDE / "recipes"
 AGENT_IMAGE = "fleet-agent:latest"
@@ -28,6 +29,19 @@ def recipe_tag(name: str) -> str:
 
 def recipe_context(name: str) -> Path:
     return RECIPES_DIR / name
+
+
+def build_context(tag: str) -> Path | None:
+    """The build context fleet makes the image `tag` from, if it makes it."""
+    known = {AGENT_IMAGE: CONTEXT_DIR, PROXY_IMAGE: PROXY_CONTEXT_DIR}
+    known.update({recipe_tag(name): recipe_context(name) for name in recipe_names()})
+    return known.get(tag)
+
+
+def build_command(tag: str) -> str:
+    """What builds the image `tag`: for a recipe's, with its --recipe."""
+    recipe = next((name for name in recipe_names() if recipe_tag(name) == tag), None)
+    return f"fleet image build --recipe {recipe}" if recipe else "fleet image build"
 
 
 def build_recipe(client: docker.DockerClient, name: str, *, report: Report, force: bool = False,

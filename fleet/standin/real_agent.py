@@ -117,7 +117,7 @@ def claude_code_agent(image: str) -> dict[str, Any]:
     injected there (its container holds placeholders)."""
     return {
         "image": image,
-        "command": ["fleet-claude", "--model-token", "anthropic", "--git-token", "forge"],
+        "command": ["fleet-claude", "--model-token", "anthropic", "--git-token", f"{FORGE_HOST}=forge"],
         "tokens": ["anthropic", "forge"],
         "egress": [f"{MODEL_HOST}:443", f"{FORGE_HOST}:443"],
         "memory": "2g",

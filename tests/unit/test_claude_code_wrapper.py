@@ -6,6 +6,7 @@ credential helper."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import subprocess
@@ -41,14 +42,14 @@ def run(tmp_path: Path, claude_script: str, payload: Any = None,
         *args: str) -> subprocess.CompletedProcess[str]:
     wrapper = install(tmp_path, claude_script)
     home, tokens = tmp_path / "home", tmp_path / "tokens"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     tokens.mkdir()
     (tokens / "anthropic").write_text("fleet-placeholder\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "FLEET_TOKEN_DIR": str(tokens),
            "FLEET_TASK_ID": "t1", "FLEET_ATTEMPT": "1", "FLEET_AGENT": "dev"}
     data = payload if isinstance(payload, str) else json.dumps(payload or {"task": "do it"})
-    return subprocess.run([sys.executable, str(wrapper), *args], input=data, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run([sys.executable, str(wrapper), "--work-root", str(tmp_path / "work"), *args],
+                          input=data, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_a_finished_task_ends_0_with_the_final_message_as_its_result(tmp_path: Path) -> None:
@@ -65,16 +66,36 @@ def test_a_finished_task_ends_0_with_the_final_message_as_its_result(tmp_path: P
     assert "claude: [Bash] git push" in lines
     result = json.loads(lines[-1])
     assert (result["result"], result["turns"], result["session_id"]) == ("Pushed branch b1.", 2, "s1")
-    assert "key=fleet-placeholder config=" in done.stderr and "/fleet-tasks/t1-1/claude" in done.stderr
+    assert "key=fleet-placeholder config=" in done.stderr and "/work/t1-1/claude" in done.stderr
     assert "--dangerously-skip-permissions" in done.stderr and "--max-turns 30" in done.stderr
-    assert list((tmp_path / "home" / "fleet-tasks").iterdir()) == []  # nothing of the task is left
+    assert list((tmp_path / "work").iterdir()) == []  # nothing of the task is left
 
 
-@pytest.mark.parametrize(("status", "code", "token"), [
-    (401, 77, "anthropic"), (403, 77, "anthropic"), (529, 75, None), (429, 75, None), (400, 1, None)])
-def test_an_api_error_maps_onto_the_job_protocol(tmp_path: Path, status: int, code: int,
+def test_a_killed_tasks_directory_is_removed_by_the_next_and_a_running_ones_kept(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    killed, running = work / "t0-1", work / "t9-1"
+    for directory in (killed, running):
+        (directory / "task").mkdir(parents=True)
+        (directory / ".lock").touch()
+    with (running / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the running task's fleet-claude holds it
+        done = run(tmp_path, f"echo '{result_event()}'\n")
+    assert done.returncode == 0, done.stderr
+    assert not killed.exists() and (running / "task").is_dir()
+
+
+@pytest.mark.parametrize(("status", "text", "code", "token"), [
+    (401, "Invalid API key", 77, "anthropic"),
+    (403, 'API Error: 403 {"type":"error","error":{"type":"permission_error"}}', 77, "anthropic"),
+    (403, "API Error: 403 fleet egress: agent 'dev' may not reach api.example.com:443", 1, None),
+    (403, "API Error: 403 fleet egress: refused (the proxy could not decide)", 75, None),
+    (None, "API Error: ERR_PROXY_TUNNEL", 1, None),
+    (529, "Overloaded", 75, None), (429, "Rate limited", 75, None), (400, "Bad request", 1, None)])
+def test_an_api_error_maps_onto_the_job_protocol(tmp_path: Path, status: int | None, text: str, code: int,
                                                  token: str | None) -> None:
-    script = f"echo '{result_event(is_error=True, api_error_status=status, result='API Error')}'\nexit 1\n"
+    """The model API's refusal is a credential failure; fleet's proxy's is not."""
+    error = result_event(is_error=True, api_error_status=status, result=text, terminal_reason="api_error")
+    script = f"cat <<'EOF'\n{error}\nEOF\nexit 1\n"
     done = run(tmp_path, script)
     assert done.returncode == code
     last = done.stderr.strip().splitlines()[-1]
@@ -92,10 +113,34 @@ def test_a_forge_refusing_git_is_a_credential_failure_of_the_git_token(tmp_path:
     helper notes it and gives git nothing, and the task ends 77."""
     script = ("printf 'protocol=https\\nhost=forge.test\\n\\n' | git credential fill >/dev/null 2>&1\n"
               f"echo '{result_event(result='I could not push.')}'\n")
-    done = run(tmp_path, script, None, "--git-token", "forge")
+    done = run(tmp_path, script, None, "--git-token", "forge.test=forge")
     assert done.returncode == 77, done.stderr
     assert done.stderr.strip().splitlines()[-2:] == ["fleet-claude: forge.test refused git's credential",
                                                      "fleet: credential-failure token=forge"]
+
+
+def test_a_host_fleet_adds_no_token_for_refusing_git_is_not_a_credential_failure(tmp_path: Path) -> None:
+    """A private dependency or a mistyped host answering 401 says nothing
+    about the agent's forge token: no breaker, no alert to rotate it."""
+    script = ("printf 'protocol=https\\nhost=elsewhere.test\\n\\n' | git credential fill >/dev/null 2>&1\n"
+              f"echo '{result_event(result='Done, without the dependency.')}'\n")
+    done = run(tmp_path, script, None, "--git-token", "forge.test=forge")
+    assert done.returncode == 0, done.stderr
+    assert "elsewhere.test refused git (no token of this agent's is added there)" in done.stderr
+
+
+def test_an_earlier_tasks_shell_start_up_file_cannot_hide_a_refusal(tmp_path: Path) -> None:
+    """Claude Code's Bash tool sources ~/.bashrc for every command. An
+    earlier task's `unset FLEET_GIT_REFUSED` there would hide the forge's
+    refusal; each task has a home of its own, so it is never sourced."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("unset FLEET_GIT_REFUSED\n")
+    script = ('[ -f "$HOME/.bashrc" ] && . "$HOME/.bashrc"\n'  # what the Bash tool does
+              "printf 'protocol=https\\nhost=forge.test\\n\\n' | git credential fill >/dev/null 2>&1\n"
+              f"echo '{result_event(result='Pushed.')}'\n")
+    done = run(tmp_path, script, None, "--git-token", "forge.test=forge")
+    assert done.returncode == 77, done.stderr
 
 
 def test_claude_ending_without_a_result_fails(tmp_path: Path) -> None:

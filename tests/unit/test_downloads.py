@@ -48,7 +48,7 @@ def test_the_member_is_extracted_executable_and_cached(tmp_path: Path) -> None:
     build = context(tmp_path, source.as_uri(), integrity, machine=platform.machine())
     [download] = planned(build)
     reports: list[str] = []
-    assert downloads.fetch(download, reports.append).read_bytes() == b"#!/bin/sh\necho tool\n"
+    assert downloads.fetch(download, reports.append) == download.cached
     source.unlink()  # from now on only the cache can answer
     add_downloads(build, reports.append)
     assert (build / "tool").read_bytes() == b"#!/bin/sh\necho tool\n"
@@ -64,6 +64,33 @@ def test_a_tarball_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None
     with pytest.raises(ImageError, match="is not what the recipe pins"):
         downloads.fetch(download, lambda line: None)
     assert not download.cached.exists()
+
+
+def test_a_cache_changed_since_it_was_checked_is_not_used(tmp_path: Path) -> None:
+    """Whoever can write the cache cannot put a binary of theirs into an image."""
+    source = tmp_path / "tool.tgz"
+    integrity = tarball(source, "package/tool", b"the reviewed tool")
+    build = context(tmp_path, source.as_uri(), integrity, machine=platform.machine())
+    [download] = planned(build)
+    downloads.fetch(download, lambda line: None)
+    tarball(download.cached, "package/tool", b"a planted tool")  # the cache, rewritten
+    reports: list[str] = []
+    add_downloads(build, reports.append)
+    assert (build / "tool").read_bytes() == b"the reviewed tool"
+    assert reports == [f"downloading {source.as_uri()}"]  # fetched again, and checked
+
+
+def test_a_member_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "tool.tgz"
+    with tarfile.open(source, "w:gz") as archive:
+        link = tarfile.TarInfo("package/tool")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(source.read_bytes()).digest()).decode()
+    build = context(tmp_path, source.as_uri(), integrity, machine=platform.machine())
+    with pytest.raises(ImageError, match="is not a regular file"):
+        add_downloads(build, lambda line: None)
+    assert not (build / "tool").exists()
 
 
 def test_a_machine_without_a_download_is_named(tmp_path: Path) -> None:

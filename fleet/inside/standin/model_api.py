@@ -7,8 +7,10 @@ it knows the key's SHA-256, never the key, and answers 401 to any other.
 The script follows the conversation the agent sends: the task (the first
 user message) names the repository (`https://….git`), the branch
 (`branch NAME`) and the file (`file NAME`); each tool result moves it one
-step on. Requests without the agent's tools (the side requests a CLI makes,
-e.g. for a title) get a short text. Answers stream as server-sent events
+step on. A task with a line `Run exactly: COMMAND` has the agent run that
+command and report its output (what a hostile task would do). Requests
+without the agent's tools (the side requests a CLI makes, e.g. for a
+title) get a short text. Answers stream as server-sent events
 when the request asks for `stream`, as one JSON message otherwise.
 
 Standard library only: it runs on the image's python3."""
@@ -66,18 +68,23 @@ def tool_results(messages: list[Any]) -> list[tuple[str, bool]]:
 
 
 def the_task(messages: list[Any]) -> str:
-    """The task: the user's text that names a repository (the CLI may put
-    reminders of its own in other user blocks)."""
+    """The task: the user's text that names a repository or a command (the
+    CLI may put reminders of its own in other user blocks)."""
     for message in messages:
         if isinstance(message, dict) and message.get("role") == "user":
             text = text_of(message.get("content", ""))
-            if ".git" in text:
+            if ".git" in text or "Run exactly: " in text:
                 return text
     return ""
 
 
 def next_step(task: str, results: list[tuple[str, bool]]) -> Block:
     """The next content block: a tool call, or the final text."""
+    verbatim = re.search(r"^Run exactly: (.+)$", task, re.MULTILINE)
+    if verbatim:  # what a hostile task does: one command of the test's choosing
+        if not results:
+            return tool_use("Bash", {"command": verbatim.group(1), "description": "As asked"})
+        return {"type": "text", "text": f"Ran it: {results[0][0].strip()[-200:]}"}
     repo = re.search(r"https://\S+?\.git\b", task)
     branch = re.search(r"\bbranch\s+([\w./-]+)", task)
     name = re.search(r"\bfile\s+([\w.-]+)", task)

@@ -2,27 +2,36 @@
 """fleet-claude: runs one fleet task with Claude Code inside the agent's
 container, and speaks fleet's job protocol for it.
 
-    command = ["fleet-claude", "--model-token", "anthropic", "--git-token", "forge"]
+    command = ["fleet-claude", "--model-token", "anthropic", "--git-token", "forge.example.com=forge"]
 
 The payload (JSON on stdin) is `{"task": "what to do", "max_turns": 30}`.
-Each task runs in a fresh directory under $HOME with a Claude Code
-configuration of its own (`CLAUDE_CONFIG_DIR`), both removed when it ends:
-nothing of one task is left for the next (the container is long-lived).
+Each task runs in a fresh directory (`--work-root`, by default on the
+agent's volume: /state/fleet-tasks/<task>-<attempt>; a clone of a real
+repository does not fit the 64 MB tmpfs $HOME) with a home, a Claude Code
+configuration (`CLAUDE_CONFIG_DIR`) and a TMPDIR of its own, removed when
+it ends, or by the next task when it was killed: nothing of one task is
+left for the next (the container is long-lived).
 
 Claude Code reads its API key from the `--model-token` file, which holds
 fleet's placeholder when the token is injected at the egress proxy; it
 reaches the model API and the forge through the proxy (HTTPS_PROXY and the
-CA come from fleet). Progress goes to stdout a line per step; the last line
-is the result: the agent's final message, turns, cost and session id.
+CA come from fleet). The task goes to it on stdin. Progress goes to stdout
+a line per step; the last line is the result: the agent's final message,
+turns, cost, session id and the largest resident set.
 
 Exit codes (fleet's job protocol):
   0   Claude Code finished the task
-  77  a credential was refused: the model API answered 401/403 (the
-      model token), or the forge refused git (the git token: git asked
-      fleet's credential helper for another credential, which it never
-      gives); the last stderr line names the token
-  75  the model API failed transiently (429, 5xx, overloaded, no connection)
-  1   anything else (Claude Code gave up, hit its turn limit, crashed)
+  77  a credential was refused: the model API answered 401 (or 403 with a
+      permission_error): the model token; or a forge named by --git-token
+      refused git (git asked fleet's credential helper for another
+      credential, which it never gives): that forge's token. The last
+      stderr line names the token
+  75  the model API failed transiently (429, 5xx, overloaded, no
+      connection), the proxy could not decide, or the task's directory
+      could not be made (a full volume)
+  1   anything else (Claude Code gave up, hit its turn limit, crashed; the
+      proxy refused a destination not in the agent's egress; a host fleet
+      adds no token for refused git)
   2   a bad payload
 
 Claude Code retries nothing itself (`CLAUDE_CODE_MAX_RETRIES=0`): fleet
@@ -31,12 +40,15 @@ retries, with backoff, and counts credential failures in its breaker."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import resource
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -49,17 +61,27 @@ REFUSED_FILE = "FLEET_GIT_REFUSED"  # where the credential helper notes a forge'
 PASSED = ("PATH", "LANG", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy",
           "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO", "CURL_CA_BUNDLE",
           "FLEET_TASK_ID", "FLEET_ATTEMPT", "FLEET_AGENT", "FLEET_TOKEN_DIR")
+STALE_UNLOCKED_S = 600
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
-CREDENTIAL_STATUS = {401, 403}
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fleet-claude")
     parser.add_argument("--model-token", default="anthropic", help="the token file holding the API key")
-    parser.add_argument("--git-token", default="forge", help="the token named when a forge refuses git")
+    parser.add_argument("--git-token", action="append", default=[], type=host_token, metavar="HOST=TOKEN",
+                        help="a forge whose refusal of git is a credential failure of TOKEN (repeatable)")
     parser.add_argument("--max-turns", type=int, default=30)
     parser.add_argument("--base-url", default="", help="ANTHROPIC_BASE_URL (default: Claude Code's own)")
+    parser.add_argument("--work-root", type=Path, default=Path("/state/fleet-tasks"),
+                        help="where each task's directory is made (default: on the agent's volume)")
     return parser.parse_args()
+
+
+def host_token(value: str) -> tuple[str, str]:
+    host, _, token = value.partition("=")
+    if not host or not token:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST=TOKEN")
+    return host.lower(), token
 
 
 def read_payload() -> dict[str, Any]:
@@ -93,7 +115,9 @@ def environment(options: argparse.Namespace, work: Path) -> dict[str, str]:
     agent = os.environ.get("FLEET_AGENT", "agent")
     env = {name: os.environ[name] for name in PASSED if name in os.environ}
     env.update({
-        "HOME": os.environ.get("HOME", "/home/agent"), "LANG": env.get("LANG", "C.UTF-8"),
+        # A home of the task's own: nothing an earlier task left in the container's
+        # $HOME (a .bashrc the Bash tool would source, a CLAUDE.md) reaches this one.
+        "HOME": str(work / "home"), "LANG": env.get("LANG", "C.UTF-8"),
         "SHELL": "/bin/bash", "TMPDIR": str(work / "tmp"),
         "ANTHROPIC_API_KEY": token_value(options.model_token),
         "CLAUDE_CONFIG_DIR": str(work / "claude"),
@@ -107,9 +131,11 @@ def environment(options: argparse.Namespace, work: Path) -> dict[str, str]:
     })
     if options.base_url:
         env["ANTHROPIC_BASE_URL"] = options.base_url
-    # git's libcurl sends the proxy's user (the task's label) only when challenged, unless told to.
+    # git's libcurl sends the proxy's user (the task's label) only when challenged, unless told to;
+    # a repository's own embedded bare repositories (and their config) are not used.
     (work / "gitconfig").write_text(f"[credential]\n\thelper = {CREDENTIAL_HELPER}\n"
-                                    "[http]\n\tproxyAuthMethod = basic\n")
+                                    "[http]\n\tproxyAuthMethod = basic\n"
+                                    "[safe]\n\tbareRepository = explicit\n")
     return env
 
 
@@ -118,12 +144,16 @@ def show(event: dict[str, Any]) -> None:
     kind = event.get("type")
     if kind == "system" and event.get("subtype") == "init":
         print(f"claude: session {event.get('session_id', '?')}, model {event.get('model', '?')}", flush=True)
-    content = (event.get("message") or {}).get("content") if kind in ("assistant", "user") else None
+    message = event.get("message") if kind in ("assistant", "user") else None
+    content = message.get("content") if isinstance(message, dict) else None
     for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
         if block.get("type") == "text" and kind == "assistant":
-            print(f"claude: {block.get('text', '').strip()[:2000]}", flush=True)
+            print(f"claude: {str(block.get('text', '')).strip()[:2000]}", flush=True)
         elif block.get("type") == "tool_use":
-            detail = block.get("input", {})
+            detail = block.get("input")
+            detail = detail if isinstance(detail, dict) else {}
             shown = detail.get("command") or detail.get("file_path") or json.dumps(detail)[:200]
             print(f"claude: [{block.get('name')}] {shown}", flush=True)
         elif block.get("type") == "tool_result":
@@ -140,11 +170,12 @@ def run_claude(options: argparse.Namespace, payload: dict[str, Any],
     """Claude Code's exit status and its final `result` event ({} if none came)."""
     env = environment(options, work)
     turns = payload.get("max_turns") or options.max_turns
-    command = [str(CLAUDE), "-p", payload["task"], "--output-format", "stream-json", "--verbose",
+    command = [str(CLAUDE), "-p", "--output-format", "stream-json", "--verbose",
                "--max-turns", str(turns), "--dangerously-skip-permissions"]
+    (work / "prompt").write_text(payload["task"])  # on stdin: no length limit, not in /proc/*/cmdline
     result: dict[str, Any] = {}
-    with subprocess.Popen(command, cwd=work / "task", env=env, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, text=True) as claude:
+    with (work / "prompt").open() as prompt, subprocess.Popen(
+            command, cwd=work / "task", env=env, stdin=prompt, stdout=subprocess.PIPE, text=True) as claude:
         assert claude.stdout is not None
         for line in claude.stdout:
             try:
@@ -163,10 +194,15 @@ def run_claude(options: argparse.Namespace, payload: dict[str, Any],
 
 def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work: Path) -> int:
     refused = work / "git-refused"
-    if refused.is_file():
-        hosts = sorted(set(refused.read_text().split()))
-        fail(77, f"fleet-claude: {', '.join(hosts)} refused git's credential\n"
-                 f"fleet: credential-failure token={options.git_token}")
+    hosts = sorted(set(refused.read_text().split())) if refused.is_file() else []
+    tokens = dict(options.git_token)
+    ours = [host for host in hosts if host in tokens]
+    if ours:
+        fail(77, f"fleet-claude: {', '.join(ours)} refused git's credential\n"
+                 f"fleet: credential-failure token={tokens[ours[0]]}")
+    if hosts:  # a host whose token fleet does not add: the task's own mistake, not a credential of fleet's
+        print(f"fleet-claude: {', '.join(hosts)} refused git (no token of this agent's is added there)",
+              file=sys.stderr, flush=True)
     if not result:
         fail(1, f"fleet-claude: Claude Code ended (status {code}) without a result")
     summary = {"result": result.get("result", ""), "turns": result.get("num_turns"),
@@ -177,29 +213,79 @@ def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work
     if not result.get("is_error"):
         print(json.dumps(summary), flush=True)
         return 0
+    fail(*api_error(options, result))
+
+
+def api_error(options: argparse.Namespace, result: dict[str, Any]) -> tuple[int, str]:
+    """The exit code and message of a result that is an error."""
     status = result.get("api_error_status")
-    message = f"fleet-claude: {str(result.get('result', ''))[:500]}"
-    if status in CREDENTIAL_STATUS:
-        fail(77, f"{message}\nfleet: credential-failure token={options.model_token}")
+    text = str(result.get("result", ""))
+    message = f"fleet-claude: {text[:500]}"
+    if "fleet egress:" in text or "ERR_PROXY_TUNNEL" in text:
+        # fleet's proxy refused, not the API: a destination not in egress is the config's to fix.
+        return (75 if "could not decide" in text else 1), message
+    if status == 401 or (status == 403 and "permission_error" in text):
+        return 77, f"{message}\nfleet: credential-failure token={options.model_token}"
     if status in TRANSIENT_STATUS or (status is None and result.get("terminal_reason") == "api_error"):
-        fail(75, message)
-    fail(1, message)
+        return 75, message
+    return 1, message
+
+
+def claim(root: Path, name: str) -> tuple[Path, int]:
+    """The task's fresh directory under `root`, and a descriptor holding
+    its lock for as long as the task runs (what `sweep` looks at)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sweep(root)
+        work = root / name
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(mode=0o700)
+        lock = os.open(work / ".lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for directory in ("task", "home", "claude", "tmp"):
+            (work / directory).mkdir(mode=0o700)
+    except OSError as error:  # a full or broken volume: the host's to mend, the task's to retry
+        fail(75, f"fleet-claude: cannot make the task's directory under {root}: {error}")
+    return work, lock
+
+
+def sweep(root: Path) -> None:
+    """Remove the directories of tasks that ended without removing theirs
+    (killed at a timeout or a cancel, the container stopped): nobody holds
+    their lock. The agent's other running tasks hold theirs."""
+    for entry in root.iterdir():
+        if entry.is_symlink() or not entry.is_dir():  # nothing but task directories belongs here
+            entry.unlink(missing_ok=True)
+            continue
+        try:
+            lock = os.open(entry / ".lock", os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:  # made, not yet locked: only an old one is abandoned
+            with contextlib.suppress(OSError):
+                if time.time() - entry.lstat().st_mtime > STALE_UNLOCKED_S:
+                    shutil.rmtree(entry, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running task's
+        finally:
+            os.close(lock)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def main() -> int:
     options = arguments()
     payload = read_payload()
-    home = Path(os.environ.get("HOME", "/home/agent"))
     task = f"{os.environ.get('FLEET_TASK_ID', 'task')}-{os.environ.get('FLEET_ATTEMPT', '1')}"
-    work = home / "fleet-tasks" / task
-    shutil.rmtree(work, ignore_errors=True)
-    for directory in ("task", "claude", "tmp"):
-        (work / directory).mkdir(parents=True, mode=0o700)
+    work, lock = claim(options.work_root, task)
     try:
         code, result = run_claude(options, payload, work)
         return outcome(options, code, result, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
 
 
 if __name__ == "__main__":
