@@ -36,6 +36,7 @@ from fleet.errors import ConfigError
 from fleet.on_done_config import HookName, OnDoneHook, check_agents_hooks, hooks_of_ends
 from fleet.redis_url import check_redis_url, redact_credentials
 
+AGENT_IMAGE = "fleet-agent:latest"
 PROXY_IMAGE = "fleet-proxy:latest"
 AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,30}")
 TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -109,7 +110,7 @@ class AgentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    image: str = Field("fleet-agent:latest", min_length=1)
+    image: str = Field(AGENT_IMAGE, min_length=1)
     command: list[str] = Field(default_factory=lambda: ["fleet-agent"], min_length=1)
     tokens: list[TokenName] = Field(default_factory=list)
     concurrency: PositiveInt = 1

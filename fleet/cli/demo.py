@@ -35,7 +35,7 @@ from fleet.credentials.tokens import TokenStore
 from fleet.egress.proxy import EgressProxy
 from fleet.errors import ConfigError
 from fleet.record import State
-from fleet.settings import PROXY_IMAGE, FleetSettings, load_settings
+from fleet.settings import AGENT_IMAGE, PROXY_IMAGE, FleetSettings, load_settings
 from fleet.standin.upstream import StandIn, issue_certificate, start_standin
 
 DEMO_DIR = Path(".fleet/demo")
@@ -134,7 +134,7 @@ def run_demo(keep: bool, started: float) -> int:
 
 
 def build_images(engine: docker.DockerClient, console: Console) -> None:
-    for tag, context in (("fleet-agent:latest", CONTEXT_DIR), (PROXY_IMAGE, PROXY_CONTEXT_DIR)):
+    for tag, context in ((AGENT_IMAGE, CONTEXT_DIR), (PROXY_IMAGE, PROXY_CONTEXT_DIR)):
         build_image(engine, tag, context=context, report=lambda line: console.print(f"[dim]{line}[/]"))
 
 

@@ -25,20 +25,15 @@ from fleet.credentials.tokens import TokenStore
 from fleet.record import State, TaskRecord
 from fleet.settings import PROXY_IMAGE
 from fleet.standin.real_agent import (
-    FORGE_HOST,
     RealAgentWorld,
     claude_code_agent,
     egress_settings,
+    push_task,
     start_real_agent_world,
 )
 
 AGENT = "dev"
 RECIPE = "claude-code"
-
-
-def task(branch: str) -> dict[str, str]:
-    return {"task": f"Clone https://{FORGE_HOST}/team/app.git, add the file NOTES.md, "
-                    f"commit it and push it to branch {branch}."}
 
 
 def write_config(path_name: str, redis_url: str, world: RealAgentWorld, image: str) -> Path:
@@ -82,11 +77,11 @@ def run_tasks(client: FleetClient, tokens: TokenStore, world: RealAgentWorld, en
               image: str, forge_token: str, console: Console) -> bool:
     console.print(f"[bold]1.[/] {AGENT} clones {world.repository_url}, commits and pushes a branch")
     submitted = time.time()
-    first = follow(client, client.submit(AGENT, task("fleet/demo-notes")), console)
+    first = follow(client, client.submit(AGENT, push_task("fleet/demo-notes")), console)
     pushed = [n["at"] for n in world.notes(world.forge) if "pushed" in n and "at" in n]
     console.print("[bold]2.[/] the forge token is revoked; the next task's push is refused")
     tokens.set(AGENT, "forge", b"revoked-" + secrets.token_hex(8).encode())
-    second_id = client.submit(AGENT, task("fleet/demo-after-rotation"))
+    second_id = client.submit(AGENT, push_task("fleet/demo-after-rotation"))
     retrying = wait_for(client, second_id, State.RETRYING)
     console.print(f"  {second_id[:8]} {retrying.state.value}: "
                   f"{retrying.error.message if retrying.error else ''}")
@@ -99,8 +94,8 @@ def run_tasks(client: FleetClient, tokens: TokenStore, world: RealAgentWorld, en
         console.print(f"  forge: {branch} → {head or 'missing'}")
     size = engine.images.get(image).attrs.get("Size", 0) / 1e6
     memory = [r.result.get("max_rss_mb") for r in (first, second) if isinstance(r.result, dict)]
-    console.print(f"figures: image {image} {size:.0f} MB; submit → push "
-                  f"{pushed[0] - submitted:.1f} s" if pushed else "figures: no push was noted")
+    to_push = f"{pushed[0] - submitted:.1f} s" if pushed else "no push was noted"
+    console.print(f"figures: image {image} {size:.0f} MB; submit → push {to_push}")
     console.print(f"         Claude Code's largest resident set: {memory} MB; "
                   f"task 2 took {second.attempts} attempts")
     return ok and all(branches.values())

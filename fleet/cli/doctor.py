@@ -17,7 +17,7 @@ from fleet.container.engine import connect
 from fleet.container.image import INSIDE, image_is_current
 from fleet.container.recipes import build_command, build_context
 from fleet.errors import EngineError, StateStoreError
-from fleet.settings import FleetSettings
+from fleet.settings import AGENT_IMAGE, FleetSettings
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def loose(path: Path, forbidden: int) -> bool:
 
 def run_checks(settings: FleetSettings) -> list[Check]:
     engine, client = check_engine()
-    images = sorted({spec.image for spec in settings.agents.values()} or {"fleet-agent:latest"})
+    images = sorted({spec.image for spec in settings.agents.values()} or {AGENT_IMAGE})
     if any(spec.egress for spec in settings.agents.values()):
         images.append(settings.egress_image)
     return [

@@ -11,7 +11,7 @@ import click
 
 from fleet.cli.context import Context, pass_context
 from fleet.errors import UsageError
-from fleet.settings import PROXY_IMAGE
+from fleet.settings import AGENT_IMAGE, PROXY_IMAGE
 
 
 @click.command()
@@ -41,7 +41,7 @@ def image() -> None:
 
 
 @image.command("build")
-@click.option("--tag", default="fleet-agent:latest", show_default=True)
+@click.option("--tag", default=AGENT_IMAGE, show_default=True)
 @click.option("--proxy-tag", default=PROXY_IMAGE, show_default=True)
 @click.option("--recipe", "recipes", multiple=True, metavar="NAME",
               help="Also build a real agent CLI's image, fleet-NAME:latest (see `fleet image recipes`).")
@@ -106,7 +106,7 @@ def acl(ctx: Context, role_names: tuple[str, ...], user: str | None, apply: bool
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
-@click.option("--image", "image_tag", is_flag=False, flag_value="fleet-agent:latest", default=None,
+@click.option("--image", "image_tag", is_flag=False, flag_value=AGENT_IMAGE, default=None,
               help="Also audit an image's filesystem and config (default fleet-agent:latest).")
 @pass_context
 def audit(ctx: Context, as_json: bool, image_tag: str | None) -> None:

@@ -59,19 +59,25 @@ def planned(context: Path, machine: str | None = None) -> list[Download]:
     return found
 
 
-def integrity_of(path: Path) -> str:
+def checked_copy(source: Path, target: Path, integrity: str) -> bool:
+    """Copy `source` to `target`, hashing what is copied: True if that is
+    the pinned tarball (then `target` is what was checked, whatever happens
+    to `source` after), else False and no `target`."""
+    if not source.is_file():
+        return False
     digest = hashlib.sha512()
-    with path.open("rb") as data:
+    with source.open("rb") as data, target.open("wb") as out:
         while chunk := data.read(CHUNK):
             digest.update(chunk)
-    return "sha512-" + base64.b64encode(digest.digest()).decode()
+            out.write(chunk)
+    if "sha512-" + base64.b64encode(digest.digest()).decode() == integrity:
+        return True
+    target.unlink()
+    return False
 
 
-def fetch(download: Download, report: Report) -> Path:
-    """The tarball, checked against the pinned integrity: from the cache if
-    what is there still is what was pinned, else downloaded again."""
-    if download.cached.is_file() and integrity_of(download.cached) == download.integrity:
-        return download.cached
+def fetch(download: Download, report: Report) -> None:
+    """Download the tarball into the cache, if it is the pinned one."""
     report(f"downloading {download.url}")
     download.cached.parent.mkdir(parents=True, exist_ok=True)
     partial = download.cached.with_suffix(".partial")
@@ -87,7 +93,14 @@ def fetch(download: Download, report: Report) -> Path:
         raise ImageError(f"{download.url} is not what the recipe pins: integrity {got}, "
                          f"expected {download.integrity}")
     partial.replace(download.cached)
-    return download.cached
+
+
+def integrity_of(path: Path) -> str:
+    digest = hashlib.sha512()
+    with path.open("rb") as data:
+        while chunk := data.read(CHUNK):
+            digest.update(chunk)
+    return "sha512-" + base64.b64encode(digest.digest()).decode()
 
 
 def extract(download: Download, tarball: Path, into: Path) -> None:
@@ -107,6 +120,14 @@ def extract(download: Download, tarball: Path, into: Path) -> None:
 
 
 def add_downloads(build_dir: Path, report: Report) -> None:
-    """Put each of the build context's pinned downloads into it, checked."""
+    """Put each of the build context's pinned downloads into it: the cached
+    tarball if it still is the pinned one, else a new download, checked as
+    it is copied into the build and extracted from that copy."""
     for download in planned(build_dir):
-        extract(download, fetch(download, report), build_dir)
+        private = build_dir / f".{download.file}.tgz"
+        if not checked_copy(download.cached, private, download.integrity):
+            fetch(download, report)
+            if not checked_copy(download.cached, private, download.integrity):
+                raise ImageError(f"the cached {download.url} changed as it was used")
+        extract(download, private, build_dir)
+        private.unlink()

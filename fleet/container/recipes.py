@@ -12,10 +12,9 @@ from pathlib import Path
 import docker
 
 from fleet.container.image import CONTEXT_DIR, INSIDE, PROXY_CONTEXT_DIR, Report, build_image
-from fleet.settings import PROXY_IMAGE
+from fleet.settings import AGENT_IMAGE, PROXY_IMAGE
 
 RECIPES_DIR = INSIDE / "recipes"
-AGENT_IMAGE = "fleet-agent:latest"
 
 
 def recipe_names() -> list[str]:

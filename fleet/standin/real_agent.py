@@ -104,6 +104,13 @@ def start_real_agent_world(client: docker.DockerClient, name: str, *, image: str
                           model, forge, net)
 
 
+def push_task(branch: str) -> dict[str, str]:
+    """The payload of the job the stand-in model drives: clone the forge's
+    repository, add NOTES.md, commit, push `branch`."""
+    return {"task": f"Clone https://{FORGE_HOST}/{REPOSITORY}.git, add the file NOTES.md, "
+                    f"commit it and push it to branch {branch}."}
+
+
 def egress_settings(world: RealAgentWorld) -> dict[str, Any]:
     """The top-level settings that send an agent's egress to `world`: the
     proxy's network, the stand-ins' CA and their names."""

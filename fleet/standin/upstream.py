@@ -9,6 +9,8 @@ Authorization value it accepts, and reports the hash of what it got."""
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ from docker.models.networks import Network
 from docker.types import Mount
 
 from fleet.container.spec import LABEL_NAMESPACE
+from fleet.settings import AGENT_IMAGE
 
-AGENT_IMAGE = "fleet-agent:latest"
+READY_TIMEOUT_S = 60
 
 STANDIN_SCRIPT = r'''
 import hashlib, http.server, json, os, ssl, threading
@@ -171,9 +174,15 @@ def start_server(client: docker.DockerClient, net: Network, name: str, names: tu
         net.disconnect(container)
         net.connect(container, aliases=list(names))
         container.start()
-        for line in container.logs(stream=True, follow=True):  # until it listens
-            if b"ready" in line:
-                break
+        # Until it says it listens; one that hangs is killed, which ends the stream.
+        watchdog = threading.Timer(READY_TIMEOUT_S, lambda: suppress_engine(container.kill))
+        watchdog.start()
+        try:
+            for line in container.logs(stream=True, follow=True):
+                if is_ready_line(line):
+                    break
+        finally:
+            watchdog.cancel()
         container.reload()
         if container.status != "running":
             tail = container.logs(tail=5).decode(errors="replace").strip()
@@ -183,6 +192,16 @@ def start_server(client: docker.DockerClient, net: Network, name: str, names: tu
         with suppress(docker.errors.NotFound):
             container.remove(force=True)
         raise
+
+
+def is_ready_line(line: bytes) -> bool:
+    """What a stand-in prints once it listens: `ready`, or a JSON note `{"ready": true, …}`."""
+    return line.strip() == b"ready" or line.startswith(b'{"ready": true')
+
+
+def suppress_engine(action: Callable[[], object]) -> None:
+    with suppress(docker.errors.APIError):
+        action()
 
 
 def certificate_mount(certificates: Path) -> Mount:

@@ -46,14 +46,15 @@ def test_the_member_is_extracted_executable_and_cached(tmp_path: Path) -> None:
     source = tmp_path / "tool.tgz"
     integrity = tarball(source, "package/tool", b"#!/bin/sh\necho tool\n")
     build = context(tmp_path, source.as_uri(), integrity, machine=platform.machine())
-    [download] = planned(build)
     reports: list[str] = []
-    assert downloads.fetch(download, reports.append) == download.cached
+    add_downloads(build, reports.append)
+    (build / "tool").unlink()
     source.unlink()  # from now on only the cache can answer
     add_downloads(build, reports.append)
     assert (build / "tool").read_bytes() == b"#!/bin/sh\necho tool\n"
     assert (build / "tool").stat().st_mode & 0o111
     assert len(reports) == 1  # downloaded once
+    assert sorted(p.name for p in build.iterdir()) == ["downloads.json", "tool"]  # no tarball left in it
 
 
 def test_a_tarball_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
@@ -74,6 +75,7 @@ def test_a_cache_changed_since_it_was_checked_is_not_used(tmp_path: Path) -> Non
     [download] = planned(build)
     downloads.fetch(download, lambda line: None)
     tarball(download.cached, "package/tool", b"a planted tool")  # the cache, rewritten
+    assert downloads.integrity_of(download.cached) != integrity
     reports: list[str] = []
     add_downloads(build, reports.append)
     assert (build / "tool").read_bytes() == b"the reviewed tool"

@@ -22,8 +22,8 @@ from fleet.container.manager import ContainerManager
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.egress.proxy import EgressProxy
 from fleet.errors import FleetError
-from fleet.settings import PROXY_IMAGE, FleetSettings
-from fleet.standin.upstream import AGENT_IMAGE, issue_certificate, start_standin
+from fleet.settings import AGENT_IMAGE, PROXY_IMAGE, FleetSettings
+from fleet.standin.upstream import issue_certificate, start_standin
 
 NAMESPACE = "bench-egress"
 UPSTREAM = "bench.upstream"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import secrets
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ import docker
 from fleet.cli.bench.fleet_under_test import BenchFleet, Workspace
 from fleet.container.recipes import build_recipe
 from fleet.credentials.tokens import TokenStore
+from fleet.egress.proxy import EgressProxy
 from fleet.errors import FleetError
 from fleet.settings import PROXY_IMAGE
 from fleet.standin.real_agent import (
@@ -27,6 +29,7 @@ from fleet.standin.real_agent import (
     RealAgentWorld,
     claude_code_agent,
     egress_settings,
+    push_task,
     start_real_agent_world,
 )
 
@@ -56,17 +59,12 @@ print(json.dumps({"pushed": job["branch"]}))
 """
 
 
-def claude_payload(branch: str) -> dict[str, Any]:
-    return {"task": f"Clone https://{FORGE_HOST}/team/app.git, add the file NOTES.md, "
-                    f"commit it and push it to branch {branch}."}
-
-
 def git_payload(branch: str) -> dict[str, Any]:
     return {"url": f"https://{FORGE_HOST}/team/app.git", "branch": branch}
 
 
 def timed_tasks(fleet: BenchFleet, world: RealAgentWorld, agent: str, n: int,
-                payload: Any) -> dict[str, Any]:
+                payload: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
     """One warm-up task, then `n` one at a time: per task, submit → the
     forge's push note and submit → succeeded (ms)."""
     to_push, to_done, memory = [], [], []
@@ -94,7 +92,7 @@ def timed_tasks(fleet: BenchFleet, world: RealAgentWorld, agent: str, n: int,
 
 
 def real_agent_costs(engine: docker.DockerClient, bench: Workspace, n: int,
-                     say: Any) -> dict[str, Any]:
+                     say: Callable[[str], None]) -> dict[str, Any]:
     image = build_recipe(engine, "claude-code", report=say)
     model_key, forge_token = f"sk-bench-{secrets.token_hex(12)}", f"forge-{secrets.token_hex(12)}"
     world = start_real_agent_world(engine, f"{NAMESPACE}-world", image=image, proxy_image=PROXY_IMAGE,
@@ -104,17 +102,19 @@ def real_agent_costs(engine: docker.DockerClient, bench: Workspace, n: int,
     baseline = {**claude, "command": ["python3", "-I", "-c", GIT_JOB], "tokens": ["forge"],
                 "inject": {"forge": claude["inject"]["forge"]}}
     top = {**egress_settings(world), "egress_dir": bench.scratch / "real-agent-egress"}
+    fleet = BenchFleet(bench, NAMESPACE, {"claude": claude, "git": baseline}, top=top)
     try:
-        with BenchFleet(bench, NAMESPACE, {"claude": claude, "git": baseline}, top=top) as fleet:
+        with fleet:
             tokens = TokenStore(fleet.settings)
             tokens.set("claude", "anthropic", model_key.encode())
             for agent in ("claude", "git"):
                 tokens.set(agent, "forge", forge_token.encode())
             fleet.start()
             say(f"real agent: {n} tasks each by Claude Code and by git alone, one at a time")
-            cli = timed_tasks(fleet, world, "claude", n, claude_payload)
+            cli = timed_tasks(fleet, world, "claude", n, push_task)
             plain = timed_tasks(fleet, world, "git", n, git_payload)
-    finally:
+    finally:  # the worker stopped and the containers gone: the proxy's agent networks, then the world
+        EgressProxy(engine, fleet.settings).remove()
         world.remove()
     size_mb = float(engine.images.get(image).attrs.get("Size", 0)) / 1e6
     return {"tasks": n, "image": image, "image_mb": size_mb, "claude_code": cli, "git_alone": plain,

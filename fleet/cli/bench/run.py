@@ -61,9 +61,9 @@ from fleet.cli.bench.measure import (
 from fleet.cli.bench.report import goals, print_report, roundtrip_figures
 from fleet.container.spec import LABEL_NAMESPACE
 from fleet.errors import FleetError
+from fleet.settings import AGENT_IMAGE
 
 PARTS = ("roundtrip", "cold", "throughput", "hundred", "cli", "egress", "metrics", "real-agent")
-IMAGE = "fleet-agent:latest"
 HUNDRED = 100
 
 RUN_NAMESPACE = "bench-run"  # the label on (e)'s throwaway containers
@@ -150,7 +150,7 @@ class Bench:
             self.docker_run()
 
     def docker_run(self) -> None:
-        self.engine.containers.run(IMAGE, ["true"], remove=True, network_mode="none",
+        self.engine.containers.run(AGENT_IMAGE, ["true"], remove=True, network_mode="none",
                                    labels={LABEL_NAMESPACE: RUN_NAMESPACE})
 
     def cold(self) -> dict[str, Any]:
@@ -280,8 +280,8 @@ def run_bench(tasks: int, parts: Sequence[str], as_json: bool) -> int:
     # Wide enough for the tables when the output is a file or a pipe.
     console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
     engine = connect(timeout=300)
-    if not has_image(engine, IMAGE):
-        raise FleetError(f"image {IMAGE} is missing: run `fleet image build`")
+    if not has_image(engine, AGENT_IMAGE):
+        raise FleetError(f"image {AGENT_IMAGE} is missing: run `fleet image build`")
     report: dict[str, Any] = {"tasks": tasks, "cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as scratch:
         redis_process, redis_url = start_private_redis(Path(scratch) / "redis", persist=False)

@@ -8,7 +8,8 @@ forge does to a revoked token.
 At start it makes each repository named on the command line (`team/app`)
 as a bare repository with one commit, under /srv/git (a tmpfs). Every
 request is noted as a JSON line on stdout (path, the header's hash,
-accepted or not); a push also notes the refs it changed.
+accepted or not); a push git http-backend answered also notes its
+repository and time (which refs it changed, the bare repository says).
 
 Standard library and git only: it runs on an image with git installed."""
 

@@ -173,11 +173,14 @@ class MessagesApi(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def key_sha256(self) -> str | None:
+        key = self.headers.get("x-api-key")
+        return hashlib.sha256(key.encode()).hexdigest() if key is not None else None
+
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
-        key = self.headers.get("x-api-key")
-        digest = hashlib.sha256(key.encode()).hexdigest() if key is not None else None
+        digest = self.key_sha256()
         path = self.path.split("?")[0]
         note(path=path, key_sha256=digest, accepted=digest == ACCEPT)
         if digest != ACCEPT:
@@ -210,7 +213,14 @@ class MessagesApi(http.server.BaseHTTPRequestHandler):
         self.wfile.write(stream)
 
     def do_GET(self) -> None:
-        note(method="GET", path=self.path)
+        """Claude Code asks for its managed settings and policy limits at
+        start: there are none (404), for a key that is let in."""
+        digest = self.key_sha256()
+        note(method="GET", path=self.path, key_sha256=digest, accepted=digest == ACCEPT)
+        if digest != ACCEPT:
+            self.reply(401, {"type": "error", "error": {"type": "authentication_error",
+                                                        "message": "invalid x-api-key"}})
+            return
         self.reply(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -46,9 +46,10 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,7 +62,8 @@ REFUSED_FILE = "FLEET_GIT_REFUSED"  # where the credential helper notes a forge'
 PASSED = ("PATH", "LANG", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy",
           "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO", "CURL_CA_BUNDLE",
           "FLEET_TASK_ID", "FLEET_ATTEMPT", "FLEET_AGENT", "FLEET_TOKEN_DIR")
-STALE_UNLOCKED_S = 600
+LOCK = ".lock"  # in a task's directory, held while it runs
+ROOT_LOCK = ".claims"  # in the work root, held while a claim or a sweep looks at it
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 
 
@@ -70,18 +72,35 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--model-token", default="anthropic", help="the token file holding the API key")
     parser.add_argument("--git-token", action="append", default=[], type=host_token, metavar="HOST=TOKEN",
                         help="a forge whose refusal of git is a credential failure of TOKEN (repeatable)")
-    parser.add_argument("--max-turns", type=int, default=30)
+    parser.add_argument("--max-turns", type=turns_value, default=30, help="1 to 500 (default 30)")
     parser.add_argument("--base-url", default="", help="ANTHROPIC_BASE_URL (default: Claude Code's own)")
     parser.add_argument("--work-root", type=Path, default=Path("/state/fleet-tasks"),
-                        help="where each task's directory is made (default: on the agent's volume)")
+                        help="a directory of fleet-claude's own, where each task's directory is made: "
+                             "anything in it that is not a running task's is removed")
     return parser.parse_args()
+
+
+def turns_value(value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) <= 500:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of turns from 1 to 500")
+    return int(value)
 
 
 def host_token(value: str) -> tuple[str, str]:
     host, _, token = value.partition("=")
     if not host or not token:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST=TOKEN")
-    return host.lower(), token
+    return normal_host(host), token
+
+
+def normal_host(host: str) -> str:
+    """A host as the proxy matches it: lower case, no trailing dot, no :443."""
+    name, port = host.strip().lower(), ""
+    head, colon, tail = name.rpartition(":")
+    if colon and tail.isdigit() and (":" not in head or head.endswith("]")):  # not a bare IPv6 address
+        name, port = head, tail
+    name = name.rstrip(".")
+    return name if port in ("", "443") else f"{name}:{port}"
 
 
 def read_payload() -> dict[str, Any]:
@@ -131,11 +150,6 @@ def environment(options: argparse.Namespace, work: Path) -> dict[str, str]:
     })
     if options.base_url:
         env["ANTHROPIC_BASE_URL"] = options.base_url
-    # git's libcurl sends the proxy's user (the task's label) only when challenged, unless told to;
-    # a repository's own embedded bare repositories (and their config) are not used.
-    (work / "gitconfig").write_text(f"[credential]\n\thelper = {CREDENTIAL_HELPER}\n"
-                                    "[http]\n\tproxyAuthMethod = basic\n"
-                                    "[safe]\n\tbareRepository = explicit\n")
     return env
 
 
@@ -172,29 +186,33 @@ def run_claude(options: argparse.Namespace, payload: dict[str, Any],
     turns = payload.get("max_turns") or options.max_turns
     command = [str(CLAUDE), "-p", "--output-format", "stream-json", "--verbose",
                "--max-turns", str(turns), "--dangerously-skip-permissions"]
-    (work / "prompt").write_text(payload["task"])  # on stdin: no length limit, not in /proc/*/cmdline
     result: dict[str, Any] = {}
+    # The task on stdin: no length limit, and not in /proc/*/cmdline.
     with (work / "prompt").open() as prompt, subprocess.Popen(
             command, cwd=work / "task", env=env, stdin=prompt, stdout=subprocess.PIPE, text=True) as claude:
         assert claude.stdout is not None
-        for line in claude.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                print(line.rstrip(), flush=True)
-                continue
-            if not isinstance(event, dict):
-                continue
-            if event.get("type") == "result":
-                result = event
-            else:
-                show(event)
+        try:
+            for line in claude.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    print(line.rstrip(), flush=True)
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if event.get("type") == "result":
+                    result = event
+                else:
+                    show(event)
+        except BaseException:  # terminated: Claude Code goes too, before the directory does
+            claude.kill()
+            raise
     return claude.returncode, result
 
 
 def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work: Path) -> int:
     refused = work / "git-refused"
-    hosts = sorted(set(refused.read_text().split())) if refused.is_file() else []
+    hosts = sorted({normal_host(h) for h in refused.read_text().split()}) if refused.is_file() else []
     tokens = dict(options.git_token)
     ours = [host for host in hosts if host in tokens]
     if ours:
@@ -210,9 +228,11 @@ def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work
                "session_id": result.get("session_id"),
                # The largest resident set of Claude Code and the tools it ran (kB on Linux).
                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
-    if not result.get("is_error"):
+    if not result.get("is_error") and result.get("subtype") == "success":
         print(json.dumps(summary), flush=True)
         return 0
+    if not result.get("is_error"):  # it stopped short: error_max_turns, error_during_execution
+        fail(1, f"fleet-claude: Claude Code stopped: {result.get('subtype')}")
     fail(*api_error(options, result))
 
 
@@ -231,55 +251,81 @@ def api_error(options: argparse.Namespace, result: dict[str, Any]) -> tuple[int,
     return 1, message
 
 
-def claim(root: Path, name: str) -> tuple[Path, int]:
-    """The task's fresh directory under `root`, and a descriptor holding
-    its lock for as long as the task runs (what `sweep` looks at)."""
+def claim(root: Path, name: str, payload: dict[str, Any]) -> tuple[Path, int]:
+    """The task's fresh directory under `root` (its prompt and git config
+    written), and a descriptor holding its lock for as long as the task
+    runs. Claims and sweeps take turns under the root's own lock, so a
+    sweep never sees a directory between its making and its locking."""
     try:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        sweep(root)
-        work = root / name
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(mode=0o700)
-        lock = os.open(work / ".lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with root_lock(root):
+            sweep(root)
+            work = root / name
+            if work.exists():  # not swept: its lock is held
+                fail(75, f"fleet-claude: {work} is in use by another run of this attempt")
+            work.mkdir(mode=0o700)
+            lock = os.open(work / LOCK, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         for directory in ("task", "home", "claude", "tmp"):
             (work / directory).mkdir(mode=0o700)
+        (work / "prompt").write_text(payload["task"])
+        # git's libcurl sends the proxy's user (the task's label) only when challenged, unless told to;
+        # a repository's own embedded bare repositories (and their config) are not used.
+        (work / "gitconfig").write_text(f"[credential]\n\thelper = {CREDENTIAL_HELPER}\n"
+                                        "[http]\n\tproxyAuthMethod = basic\n"
+                                        "[safe]\n\tbareRepository = explicit\n")
     except OSError as error:  # a full or broken volume: the host's to mend, the task's to retry
         fail(75, f"fleet-claude: cannot make the task's directory under {root}: {error}")
     return work, lock
 
 
+@contextlib.contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    path = root / ROOT_LOCK
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    except OSError:  # something else put in its place
+        path.unlink(missing_ok=True)
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def sweep(root: Path) -> None:
-    """Remove the directories of tasks that ended without removing theirs
-    (killed at a timeout or a cancel, the container stopped): nobody holds
-    their lock. The agent's other running tasks hold theirs."""
+    """Empty the root of all but running tasks' directories: those of tasks
+    that ended without removing theirs (killed at a timeout or a cancel,
+    the container stopped) — nobody holds their lock — and anything else
+    (Claude Code reads a CLAUDE.md in any directory above its own)."""
     for entry in root.iterdir():
-        if entry.is_symlink() or not entry.is_dir():  # nothing but task directories belongs here
+        if entry.name == ROOT_LOCK:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
             entry.unlink(missing_ok=True)
             continue
         try:
-            lock = os.open(entry / ".lock", os.O_RDWR | os.O_NOFOLLOW)
-        except FileNotFoundError:  # made, not yet locked: only an old one is abandoned
-            with contextlib.suppress(OSError):
-                if time.time() - entry.lstat().st_mtime > STALE_UNLOCKED_S:
-                    shutil.rmtree(entry, ignore_errors=True)
-            continue
-        except OSError:
+            lock = os.open(entry / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # no lock, or not a file: never a running task's (claims hold the root's lock)
+            shutil.rmtree(entry, ignore_errors=True)
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            continue  # a running task's
-        finally:
             os.close(lock)
-        shutil.rmtree(entry, ignore_errors=True)
+            continue  # a running task's
+        shutil.rmtree(entry, ignore_errors=True)  # its lock held until it is gone
+        os.close(lock)
 
 
 def main() -> int:
     options = arguments()
     payload = read_payload()
+    # fleet ends a cancelled or timed-out task with SIGTERM first: leave nothing behind then either.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     task = f"{os.environ.get('FLEET_TASK_ID', 'task')}-{os.environ.get('FLEET_ATTEMPT', '1')}"
-    work, lock = claim(options.work_root, task)
+    work, lock = claim(options.work_root, task, payload)
     try:
         code, result = run_claude(options, payload, work)
         return outcome(options, code, result, work)
