@@ -21,7 +21,8 @@ SECRET_ENV_NAME = re.compile(r"(?i)(token|secret|passw|api_?key|private|credenti
 SECRET_VALUE = re.compile(
     rb"(ghp_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,}|glpat-[A-Za-z0-9_-]{20,}"
     rb"|xox[abp]-[A-Za-z0-9-]{10,}|AKIA[A-Z0-9]{16}|sk-[A-Za-z0-9]{32,}"
-    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----)")
+    # A key, not a program that parses keys (libssh2 holds the header alone): the header and a body.
+    rb"|-----BEGIN [A-Z ]*PRIVATE KEY-----\r?\n[A-Za-z0-9+/=\r\n]{64})")
 SECRET_FILE_NAMES = re.compile(
     r"(^|/)(\.claude\.json|\.netrc|\.git-credentials|\.npmrc|\.pypirc|id_rsa|id_ed25519|id_ecdsa"
     r"|credentials\.json|\.docker/config\.json)$")

@@ -113,12 +113,19 @@ def test_the_agent_image_passes_the_static_audit(make_fleet: MakeFleet) -> None:
         assert f"PASS  fleet-agent:latest  {check}" in done.stdout
 
 
+# A private key's shape (random base64, no real key), and the header alone as a key parser holds it.
+PEM_KEY = ("deploy key\\n-----BEGIN OPENSSH PRIVATE KEY-----\\n" + "QUJD" * 40
+           + "\\n-----END OPENSSH PRIVATE KEY-----\\n")
+PEM_PARSER = "\\177ELF-----BEGIN OPENSSH PRIVATE KEY-----\\000parse\\000"
+
+
 def test_a_weak_image_fails_the_static_audit(make_fleet: MakeFleet,
                                              docker_client: docker.DockerClient) -> None:
     tag = f"{RUN_PREFIX}-weak:test"
     dockerfile = (
         "FROM fleet-agent:latest\nUSER 0\nENV GITHUB_TOKEN=ghp_0123456789abcdefghijABCDEFGHIJ0123\n"
-        "RUN echo '{\"token\": \"x\"}' > /root/.claude.json && chmod u+s /bin/ls\n")
+        "RUN echo '{\"token\": \"x\"}' > /root/.claude.json && chmod u+s /bin/ls\n"
+        f"RUN printf '{PEM_KEY}' > /opt/deploy-key && printf '{PEM_PARSER}' > /usr/lib/libparser.so\n")
     docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
     try:
         done = audit(make_fleet({"dev": {}}), f"--image={tag}")
@@ -127,5 +134,7 @@ def test_a_weak_image_fails_the_static_audit(make_fleet: MakeFleet,
                       "image-no-setuid"):
             assert f"FAIL  {tag}  {check}" in done.stdout, done.stdout
         assert "/root/.claude.json" in done.stdout
+        assert "/opt/deploy-key" in done.stdout  # found by what it holds, not by its name
+        assert "/usr/lib/libparser.so" not in done.stdout  # a program that reads keys holds the header alone
     finally:
         docker_client.images.remove(tag, force=True)

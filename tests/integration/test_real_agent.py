@@ -242,3 +242,10 @@ def test_a_model_api_missing_from_egress_fails_without_blaming_the_key(
                if e.type == "egress" and e.fields.get("decision") == "refused"]
     assert refused and refused[0]["destination"] == f"{MODEL_HOST}:443"
     assert world.notes(world.model) == [{"ready": True}]  # nothing reached the model API
+
+
+def test_the_claude_code_image_passes_the_static_audit(make_fleet: MakeFleet, claude_image: str) -> None:
+    done = make_fleet({"dev": {}}).cli("audit", f"--image={claude_image}")
+    for check in ("image-non-root-user", "image-no-secret-env", "image-base-pinned",
+                  "image-no-secret-files", "image-no-setuid"):
+        assert f"PASS  {claude_image}  {check}" in done.stdout, done.stdout
