@@ -72,9 +72,12 @@ def start_redis(directory: Path, *extra: str, port: int | None = None,
 
 
 def remove_run_resources(client: docker.DockerClient) -> None:
-    for container in client.containers.list(all=True, filters={"label": LABEL_NAMESPACE}):
+    # Other tests remove their containers meanwhile: one gone between listing and reading is skipped.
+    listed = client.containers.list(all=True, filters={"label": LABEL_NAMESPACE}, ignore_removed=True)
+    for container in listed:
         if container.labels.get(LABEL_NAMESPACE, "").startswith(RUN_PREFIX):
-            container.remove(force=True)
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
     for volume in client.volumes.list(filters={"label": LABEL_NAMESPACE}):
         if (volume.attrs.get("Labels") or {}).get(LABEL_NAMESPACE, "").startswith(RUN_PREFIX):
             volume.remove(force=True)
@@ -117,7 +120,8 @@ class Fleet:
         for worker in self.workers:
             worker.stop()
         for container in docker_client.containers.list(
-                all=True, filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"}):
+                all=True, filters={"label": f"{LABEL_NAMESPACE}={self.settings.namespace}"},
+                ignore_removed=True):
             with contextlib.suppress(docker.errors.NotFound):  # being removed already
                 container.remove(force=True)
         for network in docker_client.networks.list(  # the agents' egress networks

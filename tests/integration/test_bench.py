@@ -84,7 +84,8 @@ def test_bench_reports_every_figure(tmp_path: Path, docker_client: docker.Docker
         max(cli["help_ms"], cli["status_ms"]) <= 200)
     assert goals["channel ≥ 10 x faster than exec per task"] == (ratios["c_p50_over_d"] >= 10)
 
-    left = [c.name for c in docker_client.containers.list(all=True, filters={"label": LABEL_NAMESPACE})
+    left = [c.name for c in docker_client.containers.list(
+                all=True, filters={"label": LABEL_NAMESPACE}, ignore_removed=True)
             if c.labels.get(LABEL_NAMESPACE, "").startswith("bench-")]
     assert left == []
     volumes = [v.name for v in docker_client.volumes.list(filters={"label": LABEL_NAMESPACE})
