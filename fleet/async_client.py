@@ -19,13 +19,12 @@ import redis.asyncio
 
 from fleet.client import FleetClient
 from fleet.connection import connect_redis_async, redis_errors
-from fleet.errors import TaskNotFound
 from fleet.record import State, TaskRecord
 from fleet.settings import FleetSettings, load_settings
 from fleet.state.completion import Completion
 from fleet.state.events import arrived_events, newest_ids
 from fleet.state.listing import Page
-from fleet.state.records import RECORD_FIELDS, readable_record
+from fleet.state.records import READ_FIELDS, every_record, readable_record
 
 
 class AsyncFleetClient:
@@ -56,18 +55,13 @@ class AsyncFleetClient:
 
     async def many(self, task_ids: list[str]) -> list[TaskRecord]:
         """The records of these tasks, in one round trip; TaskNotFound for the first missing."""
-        fields = [*RECORD_FIELDS, "revision"]
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for task_id in task_ids:
-                    pipe.hmget(self.keys.task(task_id), fields)
+                    pipe.hmget(self.keys.task(task_id), READ_FIELDS)
                 rows = await pipe.execute(raise_on_error=False)
-        records = [readable_record(fields, values, task_id)
-                   for task_id, values in zip(task_ids, rows, strict=True)]
-        for task_id, record in zip(task_ids, records, strict=True):
-            if record is None:
-                raise TaskNotFound(task_id)
-        return [r for r in records if r is not None]
+        return every_record(task_ids, [readable_record(values, task_id)
+                                       for task_id, values in zip(task_ids, rows, strict=True)])
 
     async def as_completed(self, task_ids: Iterable[str],
                            timeout: float | None = None) -> AsyncIterator[TaskRecord]:

@@ -24,7 +24,7 @@ from fleet.settings import FleetSettings, load_settings
 from fleet.state.completion import Completion
 from fleet.state.control import cancel
 from fleet.state.hosts import HostRegistry, HostStatus
-from fleet.state.listing import Filters, Page, parse_cursor
+from fleet.state.listing import BadCursor, Filters, Page
 from fleet.state.store import TaskStore
 
 if TYPE_CHECKING:
@@ -233,10 +233,9 @@ class FleetClient:
         if key is not None:
             return Page(self.store.listing.by_key(key, filters)[:limit], None)
         try:
-            parse_cursor(cursor) if cursor else None
-        except ValueError as error:
+            return self.store.listing.page(filters, limit, cursor)
+        except BadCursor as error:
             raise UsageError(f"cursor: {error}") from None
-        return self.store.listing.page(filters, limit, cursor)
 
     def resume(self, agent: str, why: str) -> bool:
         """Close the agent's breaker on every host; False if it was not open."""

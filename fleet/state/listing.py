@@ -54,15 +54,19 @@ class Page:
     cursor: str | None  # give it back for the next page; None: this was the last
 
 
+class BadCursor(ValueError):
+    """A cursor fleet did not give: the caller's to fix (a usage error)."""
+
+
 def parse_cursor(cursor: str) -> tuple[float, str]:
-    """`<time>:<id>` → (time, id); ValueError for anything else."""
+    """`<time>:<id>` → (time, id); BadCursor for anything else."""
     score, sep, task_id = cursor.partition(":")
     try:
         time = float(score)
     except ValueError:
         time = math.nan
     if not sep or not task_id or not math.isfinite(time):
-        raise ValueError(f"{cursor!r} is not a cursor fleet gave")
+        raise BadCursor(f"{cursor!r} is not a cursor fleet gave")
     return time, task_id
 
 

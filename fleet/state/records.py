@@ -32,6 +32,7 @@ from fleet.state.stats import count_change
 # `revision` is kept as a plain counter beside the JSON-encoded fields.
 CHANGES_MAXLEN = 100_000  # the fleet-wide changes stream keeps about this many (some 25,000 tasks')
 RECORD_FIELDS = tuple(name for name in TaskRecord.model_fields if name != "revision")
+READ_FIELDS = [*RECORD_FIELDS, "revision"]  # what a read of records without payloads asks for
 
 # The on_done hooks of a task's end: (agent, the task's own hooks) → hook names.
 OnDoneHooks = Callable[[str, list[str]], list[str]]
@@ -74,11 +75,7 @@ class TaskRecords:
 
     def many(self, task_ids: list[str]) -> list[TaskRecord]:
         """The records of these tasks, in one round trip; TaskNotFound for the first missing."""
-        records = self.maybe_many(task_ids)
-        for task_id, record in zip(task_ids, records, strict=True):
-            if record is None:
-                raise TaskNotFound(task_id)
-        return [r for r in records if r is not None]
+        return every_record(task_ids, self.maybe_many(task_ids))
 
     def get_with_payload(self, task_id: str) -> tuple[TaskRecord, dict[str, Any]]:
         """The record and its payload, in one read."""
@@ -102,12 +99,11 @@ class TaskRecords:
         record fleet could have written (another type, fields that do not
         decode, or another task's id): whoever may write records must not
         stop their readers, nor aim a writer at another task."""
-        fields = [*RECORD_FIELDS, "revision"]
         with self.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hmget(self.keys.task(task_id), fields)
+                pipe.hmget(self.keys.task(task_id), READ_FIELDS)
             rows = self._call(pipe.execute, raise_on_error=False)
-        return [readable_record(fields, values, task_id) for task_id, values in zip(ids, rows, strict=True)]
+        return [readable_record(values, task_id) for task_id, values in zip(ids, rows, strict=True)]
 
     def take_republish_turn(self, task_id: str, hold_s: float) -> bool:
         """Whether this consumer is the one to publish a lost message again:
@@ -360,13 +356,23 @@ def encode_record(record: TaskRecord) -> dict[str, str]:
     return {name: json.dumps(data[name]) for name in RECORD_FIELDS}
 
 
-def readable_record(fields: list[str], values: Any, task_id: str | None = None) -> TaskRecord | None:
+def readable_record(values: Any, task_id: str | None = None) -> TaskRecord | None:
+    """A record from an HMGET of READ_FIELDS; None if there is none to read."""
     if not isinstance(values, list) or values[0] is None:  # missing, or a key of another type
         return None
     try:
-        return decode_record({f: v for f, v in zip(fields, values, strict=True) if v is not None}, task_id)
+        return decode_record({f: v for f, v in zip(READ_FIELDS, values, strict=True) if v is not None},
+                             task_id)
     except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
         return None
+
+
+def every_record(task_ids: list[str], records: list[TaskRecord | None]) -> list[TaskRecord]:
+    """The records read for `task_ids`; TaskNotFound for the first that has none."""
+    for task_id, record in zip(task_ids, records, strict=True):
+        if record is None:
+            raise TaskNotFound(task_id)
+    return [r for r in records if r is not None]
 
 
 def decode_record(raw: dict[str, str], task_id: str | None = None) -> TaskRecord:
