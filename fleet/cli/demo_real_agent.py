@@ -25,6 +25,7 @@ from fleet.credentials.tokens import TokenStore
 from fleet.record import State, TaskRecord
 from fleet.settings import PROXY_IMAGE
 from fleet.standin.real_agent import (
+    REPOSITORY_URL,
     RealAgentWorld,
     claude_code_agent,
     egress_settings,
@@ -36,13 +37,13 @@ AGENT = "dev"
 RECIPE = "claude-code"
 
 
-def write_config(path_name: str, redis_url: str, world: RealAgentWorld, image: str) -> Path:
+def write_config(redis_url: str, world: RealAgentWorld, image: str) -> Path:
     agent = {**claude_code_agent(image), "credential_retries": 3, "credential_backoff_s": 2,
              "transient_backoff_s": 1}
     top = {"redis_url": redis_url, "namespace": f"{NAMESPACE}-real",
            "secrets_dir": (DEMO_DIR / "real-secrets").resolve(),
            "egress_dir": (DEMO_DIR / "real-egress").resolve(), **egress_settings(world)}
-    path = DEMO_DIR / path_name
+    path = DEMO_DIR / "real-agent.toml"
     path.write_text(config_text(top, {AGENT: agent}))
     return path.resolve()
 
@@ -59,7 +60,7 @@ def run_real_agent_demo(keep: bool, started: float) -> int:
                                    model_key=model_key, forge_authorization=f"token {forge_token}")
     try:
         with demo_redis(console, keep) as redis_url:
-            settings = use_config(write_config("real-agent.toml", redis_url, world, image))
+            settings = use_config(write_config(redis_url, world, image))
             tokens = TokenStore(settings)
             tokens.set(AGENT, "anthropic", model_key.encode())
             tokens.set(AGENT, "forge", forge_token.encode())
@@ -75,7 +76,7 @@ def run_real_agent_demo(keep: bool, started: float) -> int:
 
 def run_tasks(client: FleetClient, tokens: TokenStore, world: RealAgentWorld, engine: docker.DockerClient,
               image: str, forge_token: str, console: Console) -> bool:
-    console.print(f"[bold]1.[/] {AGENT} clones {world.repository_url}, commits and pushes a branch")
+    console.print(f"[bold]1.[/] {AGENT} clones {REPOSITORY_URL}, commits and pushes a branch")
     submitted = time.time()
     first = follow(client, client.submit(AGENT, push_task("fleet/demo-notes")), console)
     pushed = [n["at"] for n in world.notes(world.forge) if "pushed" in n and "at" in n]
@@ -118,8 +119,7 @@ def follow(client: FleetClient, task_id: str, console: Console) -> TaskRecord:
     for event in client.store.events.output(task_id):
         for line in event.fields.get("data", "").splitlines():
             if line.startswith("claude:") or line.startswith("fleet"):
-                shown = line if len(line) <= 150 else line[:150] + "…"
-                console.print(f"  {task_id[:8]} {shown}", markup=False, highlight=False, overflow="ellipsis",
+                console.print(f"  {task_id[:8]} {line}", markup=False, highlight=False, overflow="ellipsis",
                               no_wrap=True)
     result = record.result.get("result") if isinstance(record.result, dict) else None
     console.print(f"  {task_id[:8]} {record.state.value} after {record.attempts} attempt(s): {result}")

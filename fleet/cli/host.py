@@ -64,7 +64,7 @@ def image_build(tag: str, proxy_tag: str, recipes: tuple[str, ...], force: bool,
     for name, context in ((tag, CONTEXT_DIR), (proxy_tag, PROXY_CONTEXT_DIR)):
         build_image(client, name, force=force, base=base, context=context, report=report)
     for recipe in recipes:
-        build_recipe(client, recipe, report=report, force=force, agent_image=tag, base=base)
+        build_recipe(client, recipe, report=report, force=force, agent_image=tag)
 
 
 @image.command("recipes")

@@ -15,6 +15,7 @@ import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,12 +66,7 @@ def checked_copy(source: Path, target: Path, integrity: str) -> bool:
     to `source` after), else False and no `target`."""
     if not source.is_file():
         return False
-    digest = hashlib.sha512()
-    with source.open("rb") as data, target.open("wb") as out:
-        while chunk := data.read(CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-    if "sha512-" + base64.b64encode(digest.digest()).decode() == integrity:
+    if integrity_of(source, copy_to=target) == integrity:
         return True
     target.unlink()
     return False
@@ -95,11 +91,15 @@ def fetch(download: Download, report: Report) -> None:
     partial.replace(download.cached)
 
 
-def integrity_of(path: Path) -> str:
+def integrity_of(path: Path, copy_to: Path | None = None) -> str:
+    """The file's integrity as npm states it; with `copy_to`, of the very
+    bytes written there as they are read."""
     digest = hashlib.sha512()
-    with path.open("rb") as data:
+    with path.open("rb") as data, copy_to.open("wb") if copy_to else nullcontext() as out:
         while chunk := data.read(CHUNK):
             digest.update(chunk)
+            if out is not None:
+                out.write(chunk)
     return "sha512-" + base64.b64encode(digest.digest()).decode()
 
 

@@ -2,8 +2,8 @@
 `fleet/inside/recipes/<name>/` built on fleet's agent image (its non-root
 users, no setuid files, the idle command). A recipe's `downloads.json`
 pins what the host downloads into its context (fleet/container/downloads.py);
-its README says what the CLI needs writable, how a task's settings reach
-it and how its exit maps onto the job protocol."""
+docs/real-agents.md says what each CLI needs writable, how a task's
+settings reach it and how its exit maps onto the job protocol."""
 
 from __future__ import annotations
 
@@ -44,10 +44,16 @@ def build_command(tag: str) -> str:
 
 
 def build_recipe(client: docker.DockerClient, name: str, *, report: Report, force: bool = False,
-                 agent_image: str = AGENT_IMAGE, base: str | None = None) -> str:
-    """Build the recipe's image (and the agent image it builds on, if that
-    is missing or out of date). Returns the recipe's tag."""
-    build_image(client, agent_image, report=report, base=base, context=CONTEXT_DIR)
+                 agent_image: str = AGENT_IMAGE) -> str:
+    """Build the recipe's image, if missing or out of date, on `agent_image`,
+    which the caller has built already. Returns the recipe's tag."""
     tag = recipe_tag(name)
     build_image(client, tag, report=report, force=force, base=agent_image, context=recipe_context(name))
     return tag
+
+
+def build_recipe_and_base(client: docker.DockerClient, name: str, *, report: Report) -> str:
+    """The agent image, then the recipe's image on it, each if missing or
+    out of date. Returns the recipe's tag."""
+    build_image(client, AGENT_IMAGE, report=report, context=CONTEXT_DIR)
+    return build_recipe(client, name, report=report)

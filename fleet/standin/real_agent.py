@@ -32,6 +32,7 @@ MODEL_HOST = "api.anthropic.com"  # Claude Code's own default: nothing in it is 
 FORGE_HOST = "forge.example.com"
 REPOSITORY = "team/app"
 SCRIPTS = INSIDE / "standin"
+REPOSITORY_URL = f"https://{FORGE_HOST}/{REPOSITORY}.git"
 BARE_ROOT = "/srv/git"
 
 
@@ -43,10 +44,6 @@ class RealAgentWorld:
     model: Container
     forge: Container
     net: Network
-
-    @property
-    def repository_url(self) -> str:
-        return f"https://{FORGE_HOST}/{REPOSITORY}.git"
 
     def remove(self) -> None:
         remove_standins([self.model, self.forge], self.net)
@@ -107,8 +104,8 @@ def start_real_agent_world(client: docker.DockerClient, name: str, *, image: str
 def push_task(branch: str) -> dict[str, str]:
     """The payload of the job the stand-in model drives: clone the forge's
     repository, add NOTES.md, commit, push `branch`."""
-    return {"task": f"Clone https://{FORGE_HOST}/{REPOSITORY}.git, add the file NOTES.md, "
-                    f"commit it and push it to branch {branch}."}
+    return {"task": f"Clone {REPOSITORY_URL}, add the file NOTES.md, commit it and push it to "
+                    f"branch {branch}."}
 
 
 def egress_settings(world: RealAgentWorld) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import docker
 import pytest
 from support import Fleet, MakeFleet, RedisServer, all_redis_text, eventually, new_namespace, wait_for_state
 
-from fleet.container.recipes import build_recipe
+from fleet.container.recipes import build_recipe_and_base
 from fleet.container.spec import container_name
 from fleet.credentials.tokens import PLACEHOLDER
 from fleet.record import ErrorKind, State
@@ -41,7 +41,7 @@ REVOKED = "forge-token-revoked-77aa88bb99cc00dd11ee"
 
 @pytest.fixture(scope="module")
 def claude_image(docker_client: docker.DockerClient) -> str:
-    return build_recipe(docker_client, "claude-code", report=print)
+    return build_recipe_and_base(docker_client, "claude-code", report=print)
 
 
 @pytest.fixture

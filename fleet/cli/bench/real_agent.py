@@ -19,13 +19,13 @@ from typing import Any
 import docker
 
 from fleet.cli.bench.fleet_under_test import BenchFleet, Workspace
-from fleet.container.recipes import build_recipe
+from fleet.container.recipes import build_recipe_and_base
 from fleet.credentials.tokens import TokenStore
 from fleet.egress.proxy import EgressProxy
 from fleet.errors import FleetError
 from fleet.settings import PROXY_IMAGE
 from fleet.standin.real_agent import (
-    FORGE_HOST,
+    REPOSITORY_URL,
     RealAgentWorld,
     claude_code_agent,
     egress_settings,
@@ -60,7 +60,7 @@ print(json.dumps({"pushed": job["branch"]}))
 
 
 def git_payload(branch: str) -> dict[str, Any]:
-    return {"url": f"https://{FORGE_HOST}/team/app.git", "branch": branch}
+    return {"url": REPOSITORY_URL, "branch": branch}
 
 
 def timed_tasks(fleet: BenchFleet, world: RealAgentWorld, agent: str, n: int,
@@ -93,7 +93,7 @@ def timed_tasks(fleet: BenchFleet, world: RealAgentWorld, agent: str, n: int,
 
 def real_agent_costs(engine: docker.DockerClient, bench: Workspace, n: int,
                      say: Callable[[str], None]) -> dict[str, Any]:
-    image = build_recipe(engine, "claude-code", report=say)
+    image = build_recipe_and_base(engine, "claude-code", report=say)
     model_key, forge_token = f"sk-bench-{secrets.token_hex(12)}", f"forge-{secrets.token_hex(12)}"
     world = start_real_agent_world(engine, f"{NAMESPACE}-world", image=image, proxy_image=PROXY_IMAGE,
                                    namespace=NAMESPACE, directory=bench.scratch / "real-agent-certs",

@@ -64,6 +64,8 @@ PASSED = ("PATH", "LANG", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_prox
           "FLEET_TASK_ID", "FLEET_ATTEMPT", "FLEET_AGENT", "FLEET_TOKEN_DIR")
 LOCK = ".lock"  # in a task's directory, held while it runs
 ROOT_LOCK = ".claims"  # in the work root, held while a claim or a sweep looks at it
+REFUSED_NOTE = "git-refused"  # in a task's directory: the hosts that refused git, a line each
+MAX_TURNS = 500
 TRANSIENT_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 
 
@@ -72,7 +74,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--model-token", default="anthropic", help="the token file holding the API key")
     parser.add_argument("--git-token", action="append", default=[], type=host_token, metavar="HOST=TOKEN",
                         help="a forge whose refusal of git is a credential failure of TOKEN (repeatable)")
-    parser.add_argument("--max-turns", type=turns_value, default=30, help="1 to 500 (default 30)")
+    parser.add_argument("--max-turns", type=turns_value, default=30, help=f"1 to {MAX_TURNS} (default 30)")
     parser.add_argument("--base-url", default="", help="ANTHROPIC_BASE_URL (default: Claude Code's own)")
     parser.add_argument("--work-root", type=Path, default=Path("/state/fleet-tasks"),
                         help="a directory of fleet-claude's own, where each task's directory is made: "
@@ -81,9 +83,13 @@ def arguments() -> argparse.Namespace:
 
 
 def turns_value(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) <= 500:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of turns from 1 to 500")
+    if not value.isdigit() or not turns_allowed(int(value)):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of turns from 1 to {MAX_TURNS}")
     return int(value)
+
+
+def turns_allowed(turns: object) -> bool:
+    return isinstance(turns, int) and not isinstance(turns, bool) and 0 < turns <= MAX_TURNS
 
 
 def host_token(value: str) -> tuple[str, str]:
@@ -112,8 +118,8 @@ def read_payload() -> dict[str, Any]:
     if not isinstance(task, str) or not task.strip():
         fail(2, 'fleet-claude: the payload needs "task": a non-empty string')
     turns = payload.get("max_turns", None)
-    if turns is not None and (not isinstance(turns, int) or isinstance(turns, bool) or not 0 < turns <= 500):
-        fail(2, 'fleet-claude: "max_turns" must be an integer from 1 to 500')
+    if turns is not None and not turns_allowed(turns):
+        fail(2, f'fleet-claude: "max_turns" must be an integer from 1 to {MAX_TURNS}')
     return dict(payload)
 
 
@@ -146,7 +152,7 @@ def environment(options: argparse.Namespace, work: Path) -> dict[str, str]:
         "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": str(work / "gitconfig"),
         "GIT_AUTHOR_NAME": f"fleet {agent}", "GIT_AUTHOR_EMAIL": f"{agent}@fleet.invalid",
         "GIT_COMMITTER_NAME": f"fleet {agent}", "GIT_COMMITTER_EMAIL": f"{agent}@fleet.invalid",
-        REFUSED_FILE: str(work / "git-refused"),
+        REFUSED_FILE: str(work / REFUSED_NOTE),
     })
     if options.base_url:
         env["ANTHROPIC_BASE_URL"] = options.base_url
@@ -211,7 +217,7 @@ def run_claude(options: argparse.Namespace, payload: dict[str, Any],
 
 
 def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work: Path) -> int:
-    refused = work / "git-refused"
+    refused = work / REFUSED_NOTE
     hosts = sorted({normal_host(h) for h in refused.read_text().split()}) if refused.is_file() else []
     tokens = dict(options.git_token)
     ours = [host for host in hosts if host in tokens]
@@ -223,12 +229,12 @@ def outcome(options: argparse.Namespace, code: int, result: dict[str, Any], work
               file=sys.stderr, flush=True)
     if not result:
         fail(1, f"fleet-claude: Claude Code ended (status {code}) without a result")
-    summary = {"result": result.get("result", ""), "turns": result.get("num_turns"),
-               "cost_usd": result.get("total_cost_usd"), "duration_ms": result.get("duration_ms"),
-               "session_id": result.get("session_id"),
-               # The largest resident set of Claude Code and the tools it ran (kB on Linux).
-               "max_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
     if not result.get("is_error") and result.get("subtype") == "success":
+        summary = {"result": result.get("result", ""), "turns": result.get("num_turns"),
+                   "cost_usd": result.get("total_cost_usd"), "duration_ms": result.get("duration_ms"),
+                   "session_id": result.get("session_id"),
+                   # The largest resident set of Claude Code and the tools it ran (kB on Linux).
+                   "max_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
         print(json.dumps(summary), flush=True)
         return 0
     if not result.get("is_error"):  # it stopped short: error_max_turns, error_during_execution
