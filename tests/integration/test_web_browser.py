@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -105,7 +106,9 @@ def test_the_dashboard_in_a_real_browser(make_fleet: MakeFleet, tmp_path: Path) 
         driver.get(f"{base}/tasks/{sleeper}")
         driver.save_screenshot(str(shots / "task-signed-in.png"))
         driver.find_element(By.ID, "cancel").click()
-        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "state").text == "cancelled")
+        # The form's post loads the page again: an element read as the old page goes is stale, not wrong.
+        WebDriverWait(driver, 10, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: d.find_element(By.ID, "state").text == "cancelled")
     assert client.wait(sleeper, 30).state == State.CANCELLED
 
     # /metrics, as Prometheus reads it, agrees with `fleet tasks` after the mixed run.

@@ -469,7 +469,7 @@ def test_sigterm_to_pid_1_crashes_the_containers_tasks_and_they_run_again(
     client = fleet.client()
     bystander = client.submit("dev", {"sleep": 60})
     wait_for_state(client, bystander, State.RUNNING)
-    killer = client.submit("dev", {"kill_init": True})
+    killer = client.submit("dev", {"kill_init": True, "sleep": 60})  # its own first run outlasts the kill too
     records = [client.wait(task_id, 90) for task_id in (bystander, killer)]
     for record in records:
         assert record.state == State.SUCCEEDED and record.result == {"attempt": 2}, record
